@@ -1,0 +1,517 @@
+"""The fast extraction engine of DESIGN.md §3: batched greedy extraction with memorization and entropy metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from .modeling import ModelInfo, inspect_model, preserved_state
+
+__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype"]
+
+MODES = ("full", "exact")
+DEFAULT_ENTROPY_WINDOW = 16  # DESIGN.md §5; capped at prefix_len - 1 when the prefix is shorter
+# Top-1/top-2 logit margins below these are ties as far as the compute dtype can tell; a different but equally
+# valid summation order (our single pass vs. `generate`'s step-by-step) may then pick the other token.
+# Roughly a few units in the last place for logits of magnitude ~10 in each format.
+DEFAULT_TIE_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.25e-1}
+# CPU batches beyond this size stop paying off, and a training process's host memory is not ours to take.
+_CPU_BUDGET_BYTES = 1 << 30
+# On CUDA, the share of free memory (driver-free plus the allocator's cached-but-unused) an extraction may use.
+_CUDA_BUDGET_SHARE = 0.5
+# fp32 working set for the log-softmax statistics; logits are processed in row chunks of at most this size.
+_STATS_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """Per-sequence results of `extract`, numpy arrays in input row order.
+
+    `generated`, `match_ratio` and `edit_similarity` are None in mode "exact" (no free decoding).
+    Entropy column j is the entropy (nats) of the distribution predicting token k - w + j: teacher-forced on the
+    true sequence for j < w, along the greedy path for j >= w (teacher-forced on the true suffix in mode "exact").
+    """
+
+    prefix_len: int
+    suffix_len: int
+    entropy_window: int
+    mode: str
+    generated: np.ndarray | None  # int64 [N, m]
+    exact: np.ndarray  # bool [N]
+    match_ratio: np.ndarray | None  # float32 [N]
+    prefix_match_len: np.ndarray  # int64 [N]
+    edit_similarity: np.ndarray | None  # float32 [N]
+    entropy: np.ndarray  # float32 [N, w + m]
+    suffix_nll: np.ndarray  # float32 [N]
+    near_tie: np.ndarray  # bool [N]
+
+    ARRAY_FIELDS = (
+        "generated",
+        "exact",
+        "match_ratio",
+        "prefix_match_len",
+        "edit_similarity",
+        "entropy",
+        "suffix_nll",
+        "near_tie",
+    )
+
+    def __len__(self) -> int:
+        return int(self.exact.shape[0])
+
+    def select(self, rows: np.ndarray | Sequence[int] | slice) -> ExtractionResult:
+        """The result restricted to `rows` (indices, a boolean mask or a slice), in that order."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self.ARRAY_FIELDS:
+            value = kw[name]
+            kw[name] = None if value is None else value[rows]
+        return ExtractionResult(**kw)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ExtractionResult]) -> ExtractionResult:
+        """Stack results computed with the same settings, rows in the order given."""
+        if not parts:
+            raise ValueError("concat needs at least one ExtractionResult")
+        first = parts[0]
+        kw = {f.name: getattr(first, f.name) for f in fields(first)}
+        for p in parts[1:]:
+            if (p.prefix_len, p.suffix_len, p.entropy_window, p.mode) != (
+                first.prefix_len,
+                first.suffix_len,
+                first.entropy_window,
+                first.mode,
+            ):
+                raise ValueError("concat: results differ in prefix_len, suffix_len, entropy_window or mode")
+        for name in cls.ARRAY_FIELDS:
+            values = [getattr(p, name) for p in parts]
+            kw[name] = None if values[0] is None else np.concatenate(values, axis=0)
+        return ExtractionResult(**kw)
+
+
+def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
+    full = mode == "full"
+    return ExtractionResult(
+        prefix_len=k,
+        suffix_len=m,
+        entropy_window=w,
+        mode=mode,
+        generated=np.zeros((0, m), np.int64) if full else None,
+        exact=np.zeros(0, bool),
+        match_ratio=np.zeros(0, np.float32) if full else None,
+        prefix_match_len=np.zeros(0, np.int64),
+        edit_similarity=np.zeros(0, np.float32) if full else None,
+        entropy=np.zeros((0, w + m), np.float32),
+        suffix_nll=np.zeros(0, np.float32),
+        near_tie=np.zeros(0, bool),
+    )
+
+
+def resolve_amp_dtype(amp_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """Map "bf16"/"fp16"/"fp32"/None or a torch dtype to the autocast dtype (None: run in the model's dtype)."""
+    if (amp_dtype is None or isinstance(amp_dtype, torch.dtype)) and amp_dtype in (
+        None,
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    ):
+        return None if amp_dtype == torch.float32 else amp_dtype
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
+    if isinstance(amp_dtype, str) and amp_dtype.lower() in (*names, "fp32", "float32", "none"):
+        return names.get(amp_dtype.lower())
+    raise ValueError(
+        f"amp_dtype must be None, 'bf16', 'fp16' or 'fp32' (or the torch dtype); got {amp_dtype!r}"
+    )
+
+
+def _as_tensor(sequences: object, need: int) -> torch.Tensor:
+    """[N, need] int64 CPU tensor of the first `need` tokens of each row; ValueError naming short rows."""
+    if isinstance(sequences, torch.Tensor | np.ndarray):
+        t = torch.as_tensor(sequences)
+        if t.ndim != 2:
+            raise ValueError(f"sequences must be 2-D [N, L] token ids; got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"sequences must hold integer token ids; got dtype {t.dtype}")
+        if t.shape[0] and t.shape[1] < need:
+            raise ValueError(
+                f"every sequence needs at least prefix_len + suffix_len = {need} tokens; all {t.shape[0]} rows "
+                f"have {t.shape[1]}. Use longer probes or a smaller prefix_len/suffix_len."
+            )
+        return t[:, :need].to(device="cpu", dtype=torch.long)
+    try:
+        rows = [list(r) for r in sequences]  # type: ignore[union-attr]
+    except TypeError as exc:
+        raise ValueError(
+            "sequences must be a LongTensor [N, L], a numpy array or a list of token-id lists"
+        ) from exc
+    short = [(i, len(r)) for i, r in enumerate(rows) if len(r) < need]
+    if short:
+        shown = ", ".join(f"row {i} has {n}" for i, n in short[:10])
+        more = f" (and {len(short) - 10} more)" if len(short) > 10 else ""
+        raise ValueError(
+            f"every sequence needs at least prefix_len + suffix_len = {need} tokens; {shown}{more}. "
+            "Drop or lengthen those rows, or use a smaller prefix_len/suffix_len."
+        )
+    if not rows:
+        return torch.zeros((0, need), dtype=torch.long)
+    try:
+        return torch.tensor([r[:need] for r in rows], dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"sequences must hold integer token ids: {exc}") from exc
+
+
+def _row_bytes(info: ModelInfo, k: int, m: int, w: int, mode: str, act_bytes: int) -> int:
+    """Rough peak device memory one row of a batch costs (no grad), for the automatic batch size."""
+    seq = k + m - 1
+    cache_len = seq + (m if mode == "full" else 0)
+    kv = 2 * info.n_layers * cache_len * info.kv_dim * act_bytes if mode == "full" else 0
+    # Inside one layer: residual, attention in/out and the MLP's widest activations, plus eager attention scores.
+    act = seq * (4 * info.hidden_size + 2 * info.intermediate_size) * act_bytes + info.n_heads * seq * seq * 4
+    n_logits = (w + m) if info.logits_kwarg else seq
+    logits = n_logits * info.vocab_size * (act_bytes + 4)  # model-dtype logits and their fp32 copy
+    return int(1.5 * (kv + act + logits)) + 1
+
+
+def _auto_batch_size(
+    info: ModelInfo, n: int, k: int, m: int, w: int, mode: str, act_bytes: int, budget: int | None
+) -> int:
+    if budget is None:
+        if info.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(info.device)
+            cached = torch.cuda.memory_reserved(info.device) - torch.cuda.memory_allocated(info.device)
+            budget = int(_CUDA_BUDGET_SHARE * (free + cached))
+        else:
+            budget = _CPU_BUDGET_BYTES
+    per_row = _row_bytes(info, k, m, w, mode, act_bytes)
+    return max(1, min(n, budget // per_row))
+
+
+def _forward(info: ModelInfo, n_keep: int | None, **kwargs: object) -> tuple[torch.Tensor, object]:
+    """Call the model; return logits for the last `n_keep` positions (all if None) and the cache."""
+    if n_keep is not None and info.logits_kwarg is not None:
+        kwargs[info.logits_kwarg] = n_keep
+    out = info.call(return_dict=True, **kwargs)
+    logits = out.logits
+    if n_keep is not None and logits.shape[1] != n_keep:
+        logits = logits[:, -n_keep:]
+    return logits, getattr(out, "past_key_values", None)
+
+
+def _stats(
+    logits: torch.Tensor, *, host_checks: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 statistics of logits [..., V] from one softmax: (entropy, argmax, top-1/top-2 margin, logsumexp).
+
+    lse = max - log p_max is exact to rounding (p_max >= 1/V is never tiny), entropy = lse - sum(p * logits),
+    and a token's NLL is lse - its logit, so the log-softmax is never materialized (exp dominates the cost).
+    host_checks: allowed to sync with the host (once per call) to repair rows with masked (-inf) logits;
+    without it the repair is computed unconditionally (cheap for the small decode-step tensors).
+    """
+    lf = logits.float()
+    p = torch.softmax(lf, dim=-1)
+    top, argmax = lf.max(dim=-1)  # first maximal index, as `generate`'s torch.argmax
+    lse = top - torch.log(p.gather(-1, argmax.unsqueeze(-1)).squeeze(-1))
+    entropy = lse - (p.unsqueeze(-2) @ lf.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    # A masked vocabulary entry (-inf logit) has p = 0, and 0 * -inf is nan: those rows take the careful path.
+    bad = torch.isnan(entropy)
+    if not host_checks or bool(bad.any()):
+        careful = lse - (p * lf.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
+        entropy = torch.where(bad, careful, entropy)
+    if lf.shape[-1] >= 2:
+        top2 = lf.topk(2, dim=-1).values
+        margin = top2[..., 0] - top2[..., 1]
+    else:
+        margin = torch.full_like(top, math.inf)
+    return entropy, argmax, margin, lse
+
+
+class _Batch:
+    """The fp32 outcome of one batch, on device until the end of the batch (one host sync per batch)."""
+
+    def __init__(self, x: torch.Tensor, m: int, w: int) -> None:
+        b = x.shape[0]
+        dev = x.device
+        self.entropy = torch.zeros(b, w + m, device=dev)
+        self.nll = torch.zeros(b, m, device=dev)
+        self.tf_argmax = torch.zeros(b, m, dtype=torch.long, device=dev)
+        self.tf_margin = torch.zeros(b, m, device=dev)
+
+
+def _teacher_forced(
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, use_cache: bool
+) -> tuple[_Batch, object]:
+    """One teacher-forced pass over x[:, :k+m-1]: logits only for the last w+m positions. x: [B, k+m]."""
+    logits, cache = _forward(info, w + m, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, w+m, V]
+    out = _Batch(x, m, w)
+    b, p, v = logits.shape
+    chunk = max(1, _STATS_BYTES // max(1, 2 * 4 * p * v))  # fp32 logits and softmax
+    suffix = x[:, k:]  # [B, m]
+    for s in range(0, b, chunk):
+        sl = slice(s, s + chunk)
+        ent, amax, margin, lse = _stats(logits[sl], host_checks=True)
+        out.entropy[sl] = ent
+        out.tf_argmax[sl] = amax[:, w:]
+        out.tf_margin[sl] = margin[:, w:]
+        target_logit = logits[sl, w:].gather(-1, suffix[sl].unsqueeze(-1)).squeeze(-1).float()
+        out.nll[sl] = lse[:, w:] - target_logit
+        del ent, amax, margin, lse
+    del logits
+    return out, cache
+
+
+def _select_cache_rows(cache: object, rows: torch.Tensor) -> object:
+    """Keep only `rows` (batch indices) of a KV cache: Cache objects of any transformers version, or legacy tuples."""
+    if cache is None:
+        return None
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
+        return cache
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(rows)
+        return cache
+    if isinstance(cache, tuple | list):  # legacy ((k, v), ...) per layer
+        return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+    raise TypeError(f"memwatch cannot select rows of a {type(cache).__name__} cache")
+
+
+def _crop_cache(cache: object, n_remove: int) -> tuple[object, bool]:
+    """Drop the last `n_remove` slots of a KV cache; returns (cache, whether it was cropped)."""
+    if n_remove <= 0 or cache is None:
+        return cache, True
+    if hasattr(cache, "crop"):
+        cache.crop(-n_remove)  # negative: "remove this many" in every transformers version that has crop
+        return cache, True
+    if isinstance(cache, tuple | list):
+        return tuple(tuple(t[..., :-n_remove, :] for t in layer) for layer in cache), True
+    return cache, False
+
+
+def _decode(
+    info: ModelInfo,
+    cache: object,
+    x: torch.Tensor,
+    first_miss: torch.Tensor,
+    gen: torch.Tensor,
+    out: _Batch,
+    k: int,
+    m: int,
+    w: int,
+    tie_margin: float,
+    near_tie: torch.Tensor,
+) -> None:
+    """Greedy decoding of the rows that diverged before the last token, from their divergence point.
+
+    The teacher-forced cache holds k+m-1 slots of the true sequence. A row that first misses at suffix index d
+    is valid on slots [0, k+d); the cache is cropped to k + max(d) and, where rows diverged at different points,
+    the stale slots [k+d, k+max(d)) are masked out while decoding appends after them with position ids that
+    continue from k+d. When every row diverged at the same point (the common case) there is no mask at all and
+    each step is exactly `generate`'s step. Rows are ordered by how many steps they need, so finished rows drop
+    off the front without a host sync. gen: [B, m] greedy tokens, filled up to each row's divergence point on
+    entry and completed here.
+    """
+    need = (m - 1 - first_miss).clamp(min=0)  # [B] decoding steps per row
+    todo = torch.nonzero(need > 0).flatten()
+    if todo.numel() == 0:
+        return
+    # One host sync per batch: the step counts decide the loop shape.
+    order = todo[torch.argsort(need[todo], stable=True)]
+    steps_host = need[order].tolist()
+    cache = _select_cache_rows(cache, order)
+    rows = order  # batch indices of live rows, fewest steps first
+    d = first_miss[rows]
+    d_max = m - 1 - steps_host[0]  # fewest steps = latest divergence
+    cache, cropped = _crop_cache(cache, m - 1 - d_max)
+    slots = k + d_max if cropped else k + m - 1
+    dev = x.device
+    mask = None
+    if steps_host[0] != steps_host[-1] or not cropped:
+        # Attention mask over physical cache slots: [k+d, slots) holds the true suffix, not the greedy path.
+        slot_idx = torch.arange(slots + m, device=dev)
+        mask = ((slot_idx < (k + d).unsqueeze(1)) | (slot_idx >= slots)).long()  # [R, slots + m]
+    token = gen[rows, d]  # the divergent greedy token, fed first
+    pos = k + d
+    n_steps = steps_host[-1]
+    dropped = 0
+    for t in range(n_steps):
+        logits, cache = _forward(
+            info,
+            1,
+            input_ids=token.unsqueeze(1),
+            past_key_values=cache,
+            attention_mask=None if mask is None else mask[:, : slots + t + 1],
+            position_ids=pos.unsqueeze(1),
+            use_cache=True,
+        )
+        ent, amax, margin, _ = _stats(logits[:, -1], host_checks=False)
+        col = d + t + 1  # suffix index this step predicts, [R]
+        gen[rows, col] = amax
+        out.entropy[rows, w + col] = ent
+        near_tie[rows] |= margin < tie_margin
+        token, pos = amax, pos + 1
+        # Rows whose last suffix token was just produced leave; they are at the front by construction.
+        done = 0
+        while dropped + done < len(steps_host) and steps_host[dropped + done] == t + 1:
+            done += 1
+        if done and t + 1 < n_steps:
+            keep = torch.arange(done, rows.shape[0], device=dev)
+            cache = _select_cache_rows(cache, keep)
+            rows, d, token, pos = rows[done:], d[done:], token[done:], pos[done:]
+            if mask is not None:
+                mask = mask[done:]
+        dropped += done
+
+
+def _run_batch(
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie_margin: float
+) -> dict[str, np.ndarray]:
+    full = mode == "full"
+    out, cache = _teacher_forced(info, x, k, m, w, use_cache=full)
+    suffix = x[:, k:]
+    hit = out.tf_argmax == suffix  # [B, m] teacher-forced argmax equals the true token
+    all_hit = hit.all(dim=1)
+    first_miss = torch.where(all_hit, m, (~hit).long().argmax(dim=1))  # [B] = prefix_match_len
+    cols = torch.arange(m, device=x.device)
+    # Greedy steps up to and including the divergence are exactly the teacher-forced argmaxes.
+    greedy_known = cols.unsqueeze(0) <= first_miss.unsqueeze(1)  # [B, m]
+    near_tie = ((out.tf_margin < tie_margin) & greedy_known).any(dim=1)
+    result = {
+        "exact": all_hit,
+        "prefix_match_len": first_miss,
+        "suffix_nll": out.nll.mean(dim=1),
+    }
+    if full:
+        gen = torch.where(cols.unsqueeze(0) < first_miss.unsqueeze(1), suffix, out.tf_argmax)
+        _decode(info, cache, x, first_miss, gen, out, k, m, w, tie_margin, near_tie)
+        result["generated"] = gen
+    del cache
+    result["entropy"] = out.entropy
+    result["near_tie"] = near_tie
+    return {name: t.cpu().numpy() for name, t in result.items()}
+
+
+def extract(
+    model: nn.Module,
+    sequences: torch.Tensor | np.ndarray | Sequence[Sequence[int]],
+    *,
+    prefix_len: int = 32,
+    suffix_len: int = 32,
+    entropy_window: int | None = None,
+    batch_size: int | None = None,
+    mode: str = "full",
+    amp_dtype: str | torch.dtype | None = None,
+    tie_margin: float | None = None,
+    memory_budget: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExtractionResult:
+    """Greedy extraction of each sequence's suffix from its prefix, with memorization and entropy metrics.
+
+    Args:
+        model: a Hugging Face causal LM (possibly wrapped by DDP, torch.compile or Accelerate). Left as found.
+        sequences: LongTensor [N, L], numpy array or list of token-id lists with L >= prefix_len + suffix_len;
+            the first prefix_len + suffix_len tokens of each row are used.
+        prefix_len: k, the tokens given to the model.
+        suffix_len: m, the tokens it must reproduce greedily.
+        entropy_window: w <= k - 1, prefix positions in the entropy profile before the boundary; None gives
+            min(16, k - 1) (DESIGN.md §5: w = 16).
+        batch_size: rows per forward; None picks one from a memory budget.
+        mode: "full" (everything) or "exact" (one teacher-forced pass; no `generated`, `match_ratio`,
+            `edit_similarity`).
+        amp_dtype: None (the model's dtype), "bf16" or "fp16": autocast for the forward passes. Log-softmax and
+            all statistics are computed in fp32 regardless.
+        tie_margin: top-1/top-2 logit margin under which a greedy step counts as a near tie; None picks one for
+            the compute dtype.
+        memory_budget: bytes the automatic batch size may plan for (default: 1 GiB on CPU, half the free
+            memory on CUDA).
+        progress: called as progress(rows_done, rows_total) after each batch.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if entropy_window is None and isinstance(prefix_len, int):
+        entropy_window = max(0, min(DEFAULT_ENTROPY_WINDOW, prefix_len - 1))
+    for name, value, low in (
+        ("prefix_len", prefix_len, 1),
+        ("suffix_len", suffix_len, 1),
+        ("entropy_window", entropy_window, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    k, m, w = prefix_len, suffix_len, entropy_window
+    if w > k - 1:
+        raise ValueError(
+            f"entropy_window must be at most prefix_len - 1 = {k - 1} (the first token has no prediction); got {w}"
+        )
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None (automatic) or a positive integer; got {batch_size!r}")
+    amp = resolve_amp_dtype(amp_dtype)
+    info = inspect_model(model)
+    if info.position_limit is not None and k + m > info.position_limit:
+        raise ValueError(
+            f"prefix_len + suffix_len = {k + m} exceeds {info.class_name}'s position limit of "
+            f"{info.position_limit} tokens; use a smaller prefix_len/suffix_len."
+        )
+    x_all = _as_tensor(sequences, k + m)
+    n = x_all.shape[0]
+    if n == 0:
+        return _empty(k, m, w, mode)
+    lo, hi = int(x_all.min()), int(x_all.max())
+    if lo < 0 or hi >= info.vocab_size:
+        raise ValueError(
+            f"token ids must lie in [0, {info.vocab_size}) for {info.class_name} (vocab_size {info.vocab_size}); "
+            f"got values from {lo} to {hi}. Were the probes tokenized with another tokenizer?"
+        )
+    compute_dtype = amp or info.param_dtype
+    if tie_margin is None:
+        tie_margin = DEFAULT_TIE_MARGIN.get(compute_dtype, DEFAULT_TIE_MARGIN[torch.float32])
+    act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
+    bs = batch_size or _auto_batch_size(info, n, k, m, w, mode, act_bytes, memory_budget)
+    autocast = (
+        torch.autocast(device_type=info.device.type, dtype=amp)
+        if amp is not None
+        else contextlib.nullcontext()
+    )
+    parts: list[dict[str, np.ndarray]] = []
+    with preserved_state(model), autocast:
+        for start in range(0, n, bs):
+            x = x_all[start : start + bs].to(info.device, non_blocking=True)
+            parts.append(_run_batch(info, x, k, m, w, mode, float(tie_margin)))
+            if progress is not None:
+                progress(min(start + bs, n), n)
+    return _assemble(parts, x_all[:, k:].numpy(), k, m, w, mode)
+
+
+def _assemble(
+    parts: list[dict[str, np.ndarray]], suffix: np.ndarray, k: int, m: int, w: int, mode: str
+) -> ExtractionResult:
+    cat = {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+    generated = cat.get("generated")
+    if generated is not None:
+        generated = generated.astype(np.int64)
+        ratio = metrics.match_ratio(generated, suffix)
+        similarity = metrics.edit_similarity(generated, suffix)
+    else:
+        ratio = similarity = None
+    return ExtractionResult(
+        prefix_len=k,
+        suffix_len=m,
+        entropy_window=w,
+        mode=mode,
+        generated=generated,
+        exact=cat["exact"].astype(bool),
+        match_ratio=ratio,
+        prefix_match_len=cat["prefix_match_len"].astype(np.int64),
+        edit_similarity=similarity,
+        entropy=cat["entropy"].astype(np.float32),
+        suffix_nll=cat["suffix_nll"].astype(np.float32),
+        near_tie=cat["near_tie"].astype(bool),
+    )

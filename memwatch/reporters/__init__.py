@@ -1,0 +1,1 @@
+"""Reporters: write evaluation records to TensorBoard and the console."""

@@ -1,0 +1,393 @@
+"""The extraction engine against a naive reference: per-row HF generate and a plain forward."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from _models import ARCHS, VOCAB, memorizing_panel, tiny_model, trained_model
+
+import memwatch
+from memwatch.extraction import DEFAULT_TIE_MARGIN, ExtractionResult
+
+K, M, W = 16, 16, 8
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _levenshtein(a: list[int], b: list[int]) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def reference(model, seqs: torch.Tensor, k: int, m: int, w: int, tie_margin: float) -> dict[str, np.ndarray]:
+    """Row by row: HF generate (greedy, no EOS stop) for the continuation and its entropies, a forward for the rest."""
+    out: dict[str, list] = {n: [] for n in ("generated", "entropy", "suffix_nll", "near_tie")}
+    model.eval()
+    with torch.no_grad():
+        for row in seqs:
+            x = row[None, : k + m]
+            gen = model.generate(
+                x[:, :k],
+                attention_mask=torch.ones_like(x[:, :k]),
+                max_new_tokens=m,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+            assert gen.sequences.shape[1] == k + m, "generation stopped early"
+            step_logits = torch.stack([lg[0] for lg in gen.logits])  # [m, V]
+            full = model(x).logits[0]  # [k+m, V]
+            logp = torch.log_softmax(full.double(), dim=-1)
+            nll = -logp[k - 1 : k + m - 1].gather(-1, x[0, k:, None]).squeeze(-1)
+            top2 = step_logits.float().topk(2, dim=-1).values
+            out["generated"].append(gen.sequences[0, k:].numpy())
+            out["entropy"].append(
+                torch.cat([_entropy(full[k - w - 1 : k - 1]), _entropy(step_logits)]).numpy()
+            )
+            out["suffix_nll"].append(nll.mean().item())
+            out["near_tie"].append(bool((top2[:, 0] - top2[:, 1] < tie_margin).any()))
+    ref = {n: np.array(v) for n, v in out.items()}
+    suffix = seqs[:, k : k + m].numpy()
+    ref["exact"] = (ref["generated"] == suffix).all(1)
+    ref["match_ratio"] = (ref["generated"] == suffix).mean(1)
+    eq = ref["generated"] == suffix
+    ref["prefix_match_len"] = np.array([m if r.all() else int(np.argmin(r)) for r in eq])
+    ref["edit_similarity"] = np.array(
+        [1 - _levenshtein(list(g), list(s)) / m for g, s in zip(ref["generated"], suffix, strict=True)]
+    )
+    return ref
+
+
+def assert_matches(res: ExtractionResult, ref: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(res.generated, ref["generated"])
+    np.testing.assert_array_equal(res.exact, ref["exact"])
+    np.testing.assert_array_equal(res.prefix_match_len, ref["prefix_match_len"])
+    np.testing.assert_allclose(res.match_ratio, ref["match_ratio"], atol=1e-6)
+    np.testing.assert_allclose(res.edit_similarity, ref["edit_similarity"], atol=1e-6)
+    np.testing.assert_allclose(res.entropy, ref["entropy"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(res.suffix_nll, ref["suffix_nll"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(res.near_tie, ref["near_tie"])
+
+
+def _dtypes(res: ExtractionResult, n: int) -> None:
+    assert res.generated.dtype == np.int64 and res.generated.shape == (n, M)
+    assert res.exact.dtype == np.bool_ and res.exact.shape == (n,)
+    assert res.match_ratio.dtype == np.float32
+    assert res.prefix_match_len.dtype == np.int64
+    assert res.edit_similarity.dtype == np.float32
+    assert res.entropy.dtype == np.float32 and res.entropy.shape == (n, W + M)
+    assert res.suffix_nll.dtype == np.float32
+    assert res.near_tie.dtype == np.bool_
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_models_match_generate(arch):
+    model = tiny_model(arch)
+    seqs = torch.randint(0, VOCAB, (10, K + M + 5), generator=torch.Generator().manual_seed(3))
+    res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, entropy_window=W, batch_size=4)
+    _dtypes(res, 10)
+    assert_matches(res, reference(model, seqs, K, M, W, DEFAULT_TIE_MARGIN[torch.float32]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_model_self_generated_rows_are_exact(arch):
+    """Rows whose suffix is the model's own greedy continuation are exact; altered tails give partial matches."""
+    model = tiny_model(arch, seed=2)
+    g = torch.Generator().manual_seed(5)
+    prefixes = torch.randint(0, VOCAB, (6, K), generator=g)
+    with torch.no_grad():
+        cont = model.generate(
+            prefixes,
+            attention_mask=torch.ones_like(prefixes),
+            max_new_tokens=M,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    seqs = cont.clone()
+    seqs[3:, K + 4 :] = torch.randint(0, VOCAB, (3, M - 4), generator=g)  # diverge after 4 tokens
+    res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, entropy_window=W)
+    assert res.exact[:3].all() and not res.exact[3:].any()
+    assert (res.prefix_match_len[3:] >= 4).all()
+    assert_matches(res, reference(model, seqs, K, M, W, DEFAULT_TIE_MARGIN[torch.float32]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trained_model_mixed_panel_matches_generate(arch):
+    model = trained_model(arch, K, M)
+    _, panel = memorizing_panel(K, M)
+    res = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W, batch_size=5)
+    # The panel really mixes exact, partly matching and unmatched rows.
+    assert res.exact[:4].all(), res.prefix_match_len
+    assert not res.exact[4:].any()
+    partial = res.match_ratio[4:8]
+    assert ((partial > 0) & (partial < 1)).all(), partial
+    assert (res.match_ratio[8:] < 0.5).all()
+    assert_matches(res, reference(model, panel, K, M, W, DEFAULT_TIE_MARGIN[torch.float32]))
+    # Memorized rows keep low entropy through the boundary; unmatched rows do not.
+    assert res.entropy[:4, W:].mean() < res.entropy[8:, W:].mean()
+
+
+def test_batch_size_and_input_forms_do_not_change_results():
+    model = trained_model("gpt2", K, M)
+    _, panel = memorizing_panel(K, M)
+    base = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    longer = torch.cat([panel, torch.zeros(len(panel), 7, dtype=torch.long)], dim=1)
+    variants = [
+        memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W, batch_size=1),
+        memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W, batch_size=7),
+        memwatch.extract(
+            model, [list(r) for r in longer.tolist()], prefix_len=K, suffix_len=M, entropy_window=W
+        ),
+        memwatch.extract(model, panel.numpy().astype(np.int32), prefix_len=K, suffix_len=M, entropy_window=W),
+        memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W, memory_budget=1),
+    ]
+    for res in variants:
+        np.testing.assert_array_equal(res.generated, base.generated)
+        np.testing.assert_array_equal(res.exact, base.exact)
+        np.testing.assert_allclose(res.entropy, base.entropy, atol=1e-5)
+        np.testing.assert_allclose(res.suffix_nll, base.suffix_nll, atol=1e-5)
+
+
+def test_exact_mode_is_the_teacher_forced_part_of_full_mode():
+    model = trained_model("gpt2", K, M)
+    _, panel = memorizing_panel(K, M)
+    full = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    ex = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W, mode="exact")
+    assert (
+        ex.mode == "exact" and ex.generated is None and ex.match_ratio is None and ex.edit_similarity is None
+    )
+    np.testing.assert_array_equal(ex.exact, full.exact)
+    np.testing.assert_array_equal(ex.prefix_match_len, full.prefix_match_len)
+    np.testing.assert_allclose(ex.suffix_nll, full.suffix_nll, atol=1e-6)
+    # Up to and including each row's first divergence, the greedy path is the true sequence.
+    for i, d in enumerate(full.prefix_match_len):
+        upto = W + min(int(d), M - 1) + 1
+        np.testing.assert_allclose(ex.entropy[i, :upto], full.entropy[i, :upto], atol=1e-6)
+    # Teacher-forced entropies after a divergence follow the true suffix, so they differ from the greedy path's.
+    diverged = np.flatnonzero(full.prefix_match_len < M - 2)
+    assert not np.allclose(ex.entropy[diverged, -1], full.entropy[diverged, -1])
+
+
+def test_tie_margin_controls_near_tie():
+    model = tiny_model("gpt2")
+    seqs = torch.randint(0, VOCAB, (4, K + M), generator=torch.Generator().manual_seed(0))
+    assert memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, tie_margin=1e9).near_tie.all()
+    assert not memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, tie_margin=0.0).near_tie.any()
+
+
+def test_select_and_concat_round_trip():
+    model = trained_model("gpt2", K, M)
+    _, panel = memorizing_panel(K, M)
+    res = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    back = ExtractionResult.concat([res.select(slice(0, 5)), res.select(np.arange(5, len(panel)))])
+    for name in ExtractionResult.ARRAY_FIELDS:
+        np.testing.assert_array_equal(getattr(back, name), getattr(res, name))
+    assert len(res.select([3, 1])) == 2 and res.select([3, 1]).exact[1] == res.exact[1]
+
+
+def test_progress_is_reported_per_batch():
+    model = tiny_model("gpt2")
+    seqs = torch.randint(0, VOCAB, (7, K + M), generator=torch.Generator().manual_seed(0))
+    seen = []
+    memwatch.extract(
+        model, seqs, prefix_len=K, suffix_len=M, batch_size=3, progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen == [(3, 7), (6, 7), (7, 7)]
+
+
+# --- leaving the model as found -------------------------------------------------------------------------------
+
+
+def _snapshot(model):
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": [mod.training for mod in model.modules()],
+        "config": model.config.to_dict(),
+        "gc": model.is_gradient_checkpointing,
+        "rng": torch.get_rng_state().clone(),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+
+
+def _assert_same(before, after):
+    for n, p in before["params"].items():
+        assert torch.equal(p, after["params"][n]), n
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["training"] == after["training"]
+    assert before["config"] == after["config"]
+    assert before["gc"] == after["gc"]
+    assert torch.equal(before["rng"], after["rng"])
+    assert before["grad_enabled"] == after["grad_enabled"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_model_left_as_found_from_train_mode_with_gradient_checkpointing(arch):
+    model = copy.deepcopy(trained_model(arch, K, M)) if arch != "neox" else tiny_model(arch)
+    _, panel = memorizing_panel(K, M)
+    expected = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # what the Trainer leaves behind with gradient checkpointing
+    model.train()
+    model.lm_head.eval()  # a submodule deliberately in another mode must stay so
+    torch.manual_seed(1234)
+    before = _snapshot(model)
+    res = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    after = _snapshot(model)
+    _assert_same(before, after)
+    assert model.training and not model.lm_head.training and model.config.use_cache is False
+    # Dropout was off and the cache was used correctly: same answers as from eval mode.
+    np.testing.assert_array_equal(res.generated, expected.generated)
+    np.testing.assert_allclose(res.entropy, expected.entropy, atol=1e-5)
+    # Training still works afterwards, with gradients.
+    loss = model(input_ids=panel[:2], labels=panel[:2]).loss
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_grad_mode_and_rng_untouched_inside_no_grad_and_with_dropout_draws():
+    model = tiny_model("gpt2")
+    seqs = torch.randint(0, VOCAB, (3, K + M), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        memwatch.extract(model, seqs, prefix_len=K, suffix_len=M)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_wrapped_models_are_unwrapped(tmp_path):
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = trained_model("gpt2", K, M)
+    _, panel = memorizing_panel(K, M)
+    base = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    wrapped = [torch.compile(copy.deepcopy(model)), Accelerator(cpu=True).prepare_model(copy.deepcopy(model))]
+    store = f"file://{tmp_path / 'pg'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        wrapped.append(DistributedDataParallel(copy.deepcopy(model)))
+        for w in wrapped:
+            res = memwatch.extract(w, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+            np.testing.assert_array_equal(res.generated, base.generated)
+            np.testing.assert_allclose(res.entropy, base.entropy, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_autocast_runs_and_flags_near_ties():
+    """bf16 on CPU: same shapes, memorized rows still exact, and disagreements with fp32 are near ties."""
+    model = trained_model("gpt2", K, M)
+    _, panel = memorizing_panel(K, M)
+    fp32 = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    bf16 = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W, amp_dtype="bf16")
+    assert bf16.generated.shape == fp32.generated.shape and bf16.entropy.dtype == np.float32
+    assert bf16.exact[:4].all()
+    np.testing.assert_allclose(bf16.suffix_nll, fp32.suffix_nll, atol=0.25)
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    native = memwatch.extract(model_bf16, panel, prefix_len=K, suffix_len=M, entropy_window=W)
+    assert native.exact[:4].all()
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_short_rows_are_named():
+    model = tiny_model("gpt2")
+    rows = [[1] * 40, [2] * 10, [3] * 32, [4] * 31]
+    with pytest.raises(ValueError, match=r"32 tokens; row 1 has 10, row 3 has 31"):
+        memwatch.extract(model, rows, prefix_len=K, suffix_len=M)
+    with pytest.raises(ValueError, match="all 2 rows have 20"):
+        memwatch.extract(model, torch.zeros(2, 20, dtype=torch.long), prefix_len=K, suffix_len=M)
+
+
+def test_position_limit():
+    model = tiny_model("gpt2", positions=48)
+    with pytest.raises(ValueError, match="position limit of 48"):
+        memwatch.extract(model, torch.zeros(1, 64, dtype=torch.long), prefix_len=32, suffix_len=32)
+
+
+def test_non_causal_models_are_refused():
+    from transformers import BertConfig, BertForMaskedLM, BertModel, T5Config, T5ForConditionalGeneration
+
+    bert = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    t5 = T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    seqs = torch.zeros(1, K + M, dtype=torch.long)
+    for model in (BertForMaskedLM(bert), BertModel(bert), T5ForConditionalGeneration(t5)):
+        with pytest.raises(TypeError, match="causal language models"):
+            memwatch.extract(model, seqs, prefix_len=K, suffix_len=M)
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        memwatch.extract("gpt2", seqs, prefix_len=K, suffix_len=M)
+
+
+def test_empty_input_gives_empty_result():
+    model = tiny_model("gpt2")
+    for empty in ([], torch.zeros(0, 40, dtype=torch.long)):
+        res = memwatch.extract(model, empty, prefix_len=K, suffix_len=M, entropy_window=W)
+        assert len(res) == 0 and res.generated.shape == (0, M) and res.entropy.shape == (0, W + M)
+    ex = memwatch.extract(model, [], prefix_len=K, suffix_len=M, mode="exact")
+    assert len(ex) == 0 and ex.generated is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"entropy_window": K}, "entropy_window must be at most prefix_len - 1"),
+        ({"prefix_len": 0}, "prefix_len must be an integer >= 1"),
+        ({"suffix_len": 2.5}, "suffix_len must be an integer"),
+        ({"mode": "greedy"}, "mode must be one of"),
+        ({"batch_size": 0}, "batch_size must be None"),
+        ({"amp_dtype": "int8"}, "amp_dtype must be"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    model = tiny_model("gpt2")
+    args = {"prefix_len": K, "suffix_len": M, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        memwatch.extract(model, torch.zeros(1, 64, dtype=torch.long), **args)
+
+
+def test_out_of_vocabulary_tokens():
+    model = tiny_model("gpt2")
+    bad = torch.full((1, K + M), VOCAB + 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 257\)"):
+        memwatch.extract(model, bad, prefix_len=K, suffix_len=M)
+    with pytest.raises(ValueError, match="integer token ids"):
+        memwatch.extract(model, torch.zeros(1, K + M), prefix_len=K, suffix_len=M)
+
+
+def test_statistics_with_masked_vocabulary_entries():
+    """-inf logits (a masked vocabulary) give finite entropies equal to the careful formula, in both code paths."""
+    from memwatch.extraction import _stats
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=g) * 3
+    logits[:, :, 10:20] = float("-inf")
+    logp = torch.log_softmax(logits.double(), -1)
+    expected = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    for host_checks in (True, False):
+        ent, argmax, margin, lse = _stats(logits, host_checks=host_checks)
+        torch.testing.assert_close(ent.double(), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), -1), atol=1e-5, rtol=0)
+        assert torch.equal(argmax, logits.argmax(-1))
+        top2 = logits.topk(2, -1).values
+        torch.testing.assert_close(margin, top2[..., 0] - top2[..., 1])
