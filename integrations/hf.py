@@ -1,0 +1,110 @@
+"""Hugging Face Trainer integration: MemWatchCallback, a thin adapter over memwatch.Monitor."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from transformers import TrainerCallback
+
+from memwatch.config import MonitorConfig
+from memwatch.monitor import Monitor
+
+__all__ = ["MemWatchCallback"]
+
+
+def _find_trainer() -> Any:
+    """The Trainer running this callback, found on the call stack (callbacks are not handed the Trainer itself).
+
+    Used only to read its eval_dataset and data_collator when the dataloader does not carry them.
+    """
+    try:
+        from transformers import Trainer
+    except ImportError:  # pragma: no cover
+        return None
+    frame = sys._getframe(1)
+    for _ in range(40):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _is_tokenizer(obj: Any) -> bool:
+    return obj is not None and callable(obj) and hasattr(obj, "decode")
+
+
+class MemWatchCallback(TrainerCallback):
+    """Attach memwatch to a `transformers.Trainer`:
+
+        Trainer(..., callbacks=[MemWatchCallback(MonitorConfig(every_n_steps=50))])
+
+    The model and tokenizer come from the Trainer; the training cohort is sampled from the dataset its
+    dataloader actually uses (windows whose suffix receives loss under its collator), the held-out cohort from
+    `heldout` or the Trainer's eval_dataset. The Trainer's own logging, evaluation and TensorBoard writer are
+    never touched: memwatch writes to <output_dir>/memwatch.
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig | None = None,
+        *,
+        probes: Any = None,
+        heldout: Any = None,
+        canaries: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.monitor = Monitor(config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries)
+
+    @property
+    def config(self) -> MonitorConfig:
+        return self.monitor.config
+
+    def on_train_begin(
+        self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs
+    ):
+        trainer = _find_trainer()
+        train_data = getattr(train_dataloader, "dataset", None)
+        collator = getattr(train_dataloader, "collate_fn", None)
+        eval_data = None
+        if trainer is not None:
+            if train_data is None:
+                train_data = trainer.train_dataset
+            if collator is None:
+                collator = trainer.data_collator
+            eval_data = trainer.eval_dataset
+            if isinstance(eval_data, dict):  # several eval sets: the first is the held-out cohort
+                eval_data = next(iter(eval_data.values()), None)
+        tokenizer = (
+            processing_class
+            if _is_tokenizer(processing_class)
+            else getattr(processing_class, "tokenizer", None)
+        )
+        amp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
+        config = getattr(model, "config", None)
+        self.monitor.setup(
+            model,
+            output_dir=args.output_dir,
+            train_data=train_data,
+            eval_data=eval_data,
+            collator=collator,
+            tokenizer=tokenizer,
+            start_step=state.global_step,
+            amp_dtype=amp,
+            run_name=getattr(args, "run_name", None),
+            model_name=getattr(config, "_name_or_path", None) or type(model).__name__,
+        )
+        if self.config.eval_on_start and state.global_step == 0:
+            self.monitor.evaluate(model, state.global_step)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.monitor.on_step(model, state.global_step)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.monitor.finish(model, state.global_step)
+        return control

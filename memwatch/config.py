@@ -1,0 +1,142 @@
+"""Frozen, validated configuration: MonitorConfig (and its defaults, each with a reason)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["ConfigError", "MonitorConfig"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message says what is allowed."""
+
+
+def _check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        allowed = f"an integer >= {low}" + (" or None" if optional else "")
+        raise ConfigError(f"MonitorConfig.{name} must be {allowed}; got {value!r}")
+
+
+def _check_fraction(name: str, value: Any, *, low_open: bool = True) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    if not ok:
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ConfigError(f"MonitorConfig.{name} must be a number in {interval}; got {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"MonitorConfig.{name} must be True or False; got {value!r}")
+
+
+def _check_str(name: str, value: Any, *, optional: bool = True) -> None:
+    if (value is None and optional) or (isinstance(value, str) and value):
+        return
+    raise ConfigError(
+        f"MonitorConfig.{name} must be a non-empty string{' or None' if optional else ''}; got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """How often and how memwatch probes a training run, and where it writes.
+
+    `MonitorConfig()` keeps the monitor under `max_overhead` of training time; `MonitorConfig(every_n_steps=50)`
+    evaluates every 50 optimizer steps instead. Every field is checked at construction.
+    """
+
+    # --- when ---
+    every_n_steps: int | None = None  # None: adaptive, chosen from measured costs to stay under max_overhead
+    max_overhead: float = 0.02  # the project's overhead goal: 2% of training time (benchmarks/overhead.py)
+    eval_on_start: bool = True  # a baseline before training makes "newly memorized" meaningful
+    eval_on_end: bool = True  # the final model is the one that ships
+
+    # --- what: the extraction spec (DESIGN.md §5) ---
+    prefix_len: int = 32  # k = m = 32 is Pythia's convention, so numbers compare with published ones
+    suffix_len: int = 32
+    entropy_window: int | None = (
+        None  # w prefix positions before the boundary: None = min(16, prefix_len - 1)
+    )
+    boundary_width: int = (
+        4  # j: the boundary jump compares the first j generated with the last j prefix positions
+    )
+    mode: str = "full"  # "exact" skips free decoding (cheaper, no match ratio / edit similarity)
+    batch_size: int | None = None  # None: from a memory budget (see memwatch.extract)
+    amp_dtype: str | None = (
+        "auto"  # "auto": the trainer's bf16/fp16 setting; None: the model's dtype; "bf16"/"fp16"
+    )
+    memorized_threshold: float = 1.0  # match ratio that counts as memorized; 1.0 means exact extraction
+
+    # --- the panel (DESIGN.md §5) ---
+    train_probes: int = 512  # enough for a rate to move in steps of 0.2%, small enough to be cheap
+    heldout_probes: int = 256  # the control group: its extraction rate is the baseline for "memorized"
+    seed: int = 0  # panel sampling uses a private RNG seeded here; the training RNG is never touched
+    window: str = (
+        "first"  # which window of a training example: "first" (as trained, Pythia's convention) or "random"
+    )
+
+    # --- canaries (see memwatch.canaries) ---
+    exposure_references: int = (
+        1000  # R reference secrets per canary: exposure resolves up to log2 R ~ 10 bits by rank
+    )
+    exposure_every: int | None = None  # None: every evaluation while canaries x references <= 32768 sequences
+
+    # --- where ---
+    output_dir: str | None = None  # default: <trainer output_dir>/memwatch
+    history: bool = True  # the per-probe SQLite history (post-hoc analysis needs it)
+    history_path: str | None = None  # default: <output_dir>/history.sqlite
+    tensorboard: bool = True
+    tensorboard_dir: str | None = None  # default: <output_dir>/tb, beside the trainer's own runs
+    console: bool = True  # a compact table after each evaluation (rank 0)
+    reveal_text: bool = False  # secrets and training text never leave memwatch unless asked (DESIGN.md §5)
+    run_name: str | None = None  # default: the trainer's run name or a timestamp
+
+    def __post_init__(self) -> None:
+        _check_int("every_n_steps", self.every_n_steps, 1, optional=True)
+        _check_fraction("max_overhead", self.max_overhead)
+        for name in ("eval_on_start", "eval_on_end", "history", "tensorboard", "console", "reveal_text"):
+            _check_bool(name, getattr(self, name))
+        _check_int("prefix_len", self.prefix_len, 1)
+        _check_int("suffix_len", self.suffix_len, 1)
+        if self.entropy_window is None and isinstance(self.prefix_len, int):
+            object.__setattr__(self, "entropy_window", max(0, min(16, self.prefix_len - 1)))
+        _check_int("entropy_window", self.entropy_window, 0)
+        if self.entropy_window > self.prefix_len - 1:
+            raise ConfigError(
+                f"MonitorConfig.entropy_window must be at most prefix_len - 1 = {self.prefix_len - 1}; "
+                f"got {self.entropy_window}"
+            )
+        _check_int("boundary_width", self.boundary_width, 1)
+        if self.mode not in ("full", "exact"):
+            raise ConfigError(f"MonitorConfig.mode must be 'full' or 'exact'; got {self.mode!r}")
+        _check_int("batch_size", self.batch_size, 1, optional=True)
+        if self.amp_dtype not in (None, "auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(
+                f"MonitorConfig.amp_dtype must be 'auto', None, 'bf16', 'fp16' or 'fp32'; got {self.amp_dtype!r}"
+            )
+        _check_fraction("memorized_threshold", self.memorized_threshold)
+        _check_int("train_probes", self.train_probes, 0)
+        _check_int("heldout_probes", self.heldout_probes, 0)
+        _check_int("seed", self.seed, 0)
+        _check_int("exposure_references", self.exposure_references, 1)
+        _check_int("exposure_every", self.exposure_every, 1, optional=True)
+        if self.window not in ("first", "random"):
+            raise ConfigError(f"MonitorConfig.window must be 'first' or 'random'; got {self.window!r}")
+        for name in ("output_dir", "history_path", "tensorboard_dir", "run_name"):
+            _check_str(name, getattr(self, name))
+
+    def spec(self) -> dict[str, Any]:
+        """The extraction spec recorded with every evaluation."""
+        return {
+            "prefix_len": self.prefix_len,
+            "suffix_len": self.suffix_len,
+            "entropy_window": self.entropy_window,
+            "mode": self.mode,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,520 @@
+"""The per-probe SQLite history: schema, append, resume, queries (standard library only)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "decode_floats", "decode_ints"]
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x6D656D77  # "memw": tells a memwatch history from any other SQLite file
+
+_SCHEMA = """
+CREATE TABLE runs (
+    run_id   INTEGER PRIMARY KEY,
+    name     TEXT NOT NULL,
+    created  REAL NOT NULL,
+    source   TEXT NOT NULL,            -- "live" (a training run) or "scan" (post-hoc checkpoints)
+    model    TEXT,
+    config   TEXT                      -- JSON
+);
+CREATE TABLE probes (
+    probe_id TEXT PRIMARY KEY,         -- content hash of the tokens
+    n_tokens INTEGER NOT NULL,
+    tokens   BLOB NOT NULL             -- int32 little-endian, stored once for all runs
+);
+CREATE TABLE run_probes (
+    run_id   INTEGER NOT NULL REFERENCES runs(run_id),
+    probe_id TEXT NOT NULL REFERENCES probes(probe_id),
+    position INTEGER NOT NULL,         -- order in the run's panel
+    grp      TEXT NOT NULL,
+    meta     TEXT,                     -- JSON (e.g. a canary's tier)
+    PRIMARY KEY (run_id, probe_id)
+);
+CREATE TABLE evals (
+    eval_id        INTEGER PRIMARY KEY,
+    run_id         INTEGER NOT NULL REFERENCES runs(run_id),
+    step           INTEGER NOT NULL,
+    wall_time      REAL NOT NULL,
+    duration       REAL,
+    prefix_len     INTEGER NOT NULL,
+    suffix_len     INTEGER NOT NULL,
+    entropy_window INTEGER NOT NULL,
+    mode           TEXT NOT NULL,
+    spec           TEXT NOT NULL,      -- JSON of the four above (and anything else that defines the measurement)
+    label          TEXT,               -- e.g. the checkpoint a scan read
+    UNIQUE (run_id, step, spec)
+);
+CREATE INDEX evals_by_step ON evals (run_id, step);
+CREATE TABLE results (
+    eval_id          INTEGER NOT NULL REFERENCES evals(eval_id),
+    probe_id         TEXT NOT NULL,
+    exact            INTEGER NOT NULL,
+    match_ratio      REAL,
+    prefix_match_len INTEGER NOT NULL,
+    edit_similarity  REAL,
+    suffix_nll       REAL NOT NULL,
+    near_tie         INTEGER NOT NULL,
+    exposure         REAL,
+    generated        BLOB,             -- int32 little-endian [m]
+    entropy          BLOB NOT NULL,    -- float32 little-endian [w + m]
+    PRIMARY KEY (eval_id, probe_id)
+);
+CREATE INDEX results_by_probe ON results (probe_id, eval_id);
+CREATE TABLE alerts (
+    alert_id  INTEGER PRIMARY KEY,
+    run_id    INTEGER NOT NULL REFERENCES runs(run_id),
+    step      INTEGER NOT NULL,
+    wall_time REAL NOT NULL,
+    rule      TEXT NOT NULL,
+    grp       TEXT,
+    probe_ids TEXT,                    -- JSON list
+    message   TEXT NOT NULL,
+    action    TEXT,
+    data      TEXT                     -- JSON
+);
+CREATE INDEX alerts_by_step ON alerts (run_id, step);
+"""
+
+RESULT_COLUMNS = (
+    "exact",
+    "match_ratio",
+    "prefix_match_len",
+    "edit_similarity",
+    "suffix_nll",
+    "near_tie",
+    "exposure",
+    "generated",
+    "entropy",
+)
+
+
+class HistoryError(RuntimeError):
+    """The history file cannot be used; the message says why and what to do. The file is left untouched."""
+
+
+def _blob(row: Any, typecode: str) -> bytes:
+    if hasattr(row, "tobytes"):  # a numpy row of the right dtype (callers pass int32 / float32 arrays)
+        return row.tobytes()
+    return array(typecode, row).tobytes()
+
+
+def decode_floats(blob: bytes | None) -> list[float] | None:
+    """A float32 blob back to a list."""
+    if blob is None:
+        return None
+    out = array("f")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+def decode_ints(blob: bytes | None) -> list[int] | None:
+    """An int32 blob back to a list."""
+    if blob is None:
+        return None
+    out = array("i")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+def _create_private(path: str) -> bool:
+    """Create `path` with mode 0600 if it does not exist; True if this call created it."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+class HistoryStore:
+    """A memwatch history file. Opening never truncates or overwrites an existing file.
+
+    Raises HistoryError for: a file that is not a memwatch history (or is corrupt), a history written by a newer
+    memwatch, a file locked by another writer for longer than `timeout` seconds, or an unwritable location.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, readonly: bool = False, timeout: float = 10.0
+    ) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        created = False
+        if readonly:
+            if not os.path.exists(self.path):
+                raise HistoryError(
+                    f"no history at {self.path}: run a training with memwatch or `memwatch scan` first"
+                )
+        else:
+            parent = os.path.dirname(os.path.abspath(self.path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+                created = _create_private(self.path)
+            except OSError as exc:
+                raise HistoryError(
+                    f"cannot create the history at {self.path}: {exc.strerror or exc}. Choose a writable location "
+                    "(MonitorConfig(history_path=...) or output_dir=...)."
+                ) from exc
+        try:
+            if readonly:
+                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
+                self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+            else:
+                self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self._check_or_init(created)
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            raise self._explain(exc) from exc
+
+    # --- opening ---------------------------------------------------------------------------------------------
+
+    def _explain(self, exc: sqlite3.DatabaseError) -> HistoryError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return HistoryError(
+                f"the history {self.path} is locked by another process (another training run or scan writing to it?). "
+                "Wait for it to finish, or give this run its own history_path."
+            )
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return HistoryError(
+                f"{self.path} is not a readable memwatch history ({text}); it was left untouched. Move it aside or "
+                "choose another history_path."
+            )
+        if "disk is full" in text or "full" in text:
+            return HistoryError(
+                f"the disk holding {self.path} is full ({text}); free space to keep recording."
+            )
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            return HistoryError(
+                f"cannot write the history {self.path} ({text}); choose a writable history_path."
+            )
+        return HistoryError(f"cannot use the history {self.path}: {text}")
+
+    def _check_or_init(self, created: bool) -> None:
+        c = self.conn
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        n_tables = c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id == 0 and version == 0 and n_tables == 0:
+            if self.readonly:
+                raise HistoryError(f"{self.path} is an empty file, not a memwatch history")
+            if not created and os.path.getsize(self.path) > 0:
+                raise HistoryError(f"{self.path} is not a memwatch history; it was left untouched")
+            c.execute("PRAGMA journal_mode=WAL")
+            # executescript commits whatever is pending, so the transaction lives inside the script.
+            c.executescript(
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA application_id={APPLICATION_ID};\n"
+                f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+            )
+            c.execute("PRAGMA synchronous=NORMAL")
+            return
+        if app_id != APPLICATION_ID:
+            raise HistoryError(
+                f"{self.path} is an SQLite file but not a memwatch history; it was left untouched. Choose another "
+                "history_path."
+            )
+        if version > SCHEMA_VERSION:
+            raise HistoryError(
+                f"{self.path} was written by a newer memwatch (history schema {version}; this memwatch reads up to "
+                f"{SCHEMA_VERSION}). Upgrade memwatch (pip install -U memwatch); the file was left untouched."
+            )
+        if not self.readonly:
+            c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=NORMAL")
+        # A cheap integrity probe: reading the schema fails on a damaged header.
+        c.execute("SELECT count(*) FROM evals").fetchone()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; SQLite errors become HistoryError with an explanation, nothing half-written."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from exc
+        try:
+            yield self.conn
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise self._explain(exc) from exc
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise self._explain(exc) from exc
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    def add_run(
+        self,
+        name: str,
+        *,
+        source: str = "live",
+        model: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> int:
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO runs (name, created, source, model, config) VALUES (?, ?, ?, ?, ?)",
+                (name, time.time(), source, model, json.dumps(config or {}, default=str, sort_keys=True)),
+            )
+            return int(cur.lastrowid)
+
+    def find_run(self, name: str, source: str | None = None) -> int | None:
+        """The latest run with this name (and source), or None."""
+        sql = (
+            "SELECT run_id FROM runs WHERE name = ?"
+            + (" AND source = ?" if source else "")
+            + " ORDER BY run_id DESC LIMIT 1"
+        )
+        row = self.conn.execute(sql, (name, source) if source else (name,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def add_probes(
+        self, run_id: int, probes: Sequence[tuple[str, Sequence[int], str, Mapping[str, Any]]]
+    ) -> None:
+        """Register a run's panel: (probe_id, tokens, group, meta) in panel order. Tokens are stored once."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR IGNORE INTO probes (probe_id, n_tokens, tokens) VALUES (?, ?, ?)",
+                ((pid, len(tok), _blob(tok, "i")) for pid, tok, _g, _m in probes),
+            )
+            c.executemany(
+                "INSERT OR REPLACE INTO run_probes (run_id, probe_id, position, grp, meta) VALUES (?, ?, ?, ?, ?)",
+                (
+                    (run_id, pid, i, g, json.dumps(dict(m), default=str, sort_keys=True))
+                    for i, (pid, _t, g, m) in enumerate(probes)
+                ),
+            )
+
+    def add_evaluation(
+        self,
+        run_id: int,
+        step: int,
+        *,
+        spec: Mapping[str, Any],
+        probe_ids: Sequence[str],
+        columns: Mapping[str, Any],
+        wall_time: float | None = None,
+        duration: float | None = None,
+        label: str | None = None,
+    ) -> int:
+        """Append one evaluation: one results row per probe. Replaces an evaluation at the same run, step and spec.
+
+        columns: RESULT_COLUMNS -> per-row sequences (numpy arrays welcome); "generated" [N, m] int32 rows and
+        "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL.
+        """
+        n = len(probe_ids)
+        spec_json = json.dumps(dict(spec), sort_keys=True)
+
+        def col(name: str) -> Sequence[Any]:
+            value = columns.get(name)
+            if value is None:
+                return [None] * n
+            if name in ("generated", "entropy"):
+                typecode = "i" if name == "generated" else "f"
+                return [_blob(r, typecode) for r in value]
+            return value.tolist() if hasattr(value, "tolist") else list(value)
+
+        cols = [col(name) for name in RESULT_COLUMNS]
+        exact, ratio, pml, sim, nll, tie, expo, gen, ent = cols
+        with self.transaction() as c:
+            old = c.execute(
+                "SELECT eval_id FROM evals WHERE run_id = ? AND step = ? AND spec = ?",
+                (run_id, step, spec_json),
+            ).fetchone()
+            if old is not None:
+                c.execute("DELETE FROM results WHERE eval_id = ?", (old[0],))
+                c.execute("DELETE FROM evals WHERE eval_id = ?", (old[0],))
+            cur = c.execute(
+                "INSERT INTO evals (run_id, step, wall_time, duration, prefix_len, suffix_len, entropy_window, mode,"
+                " spec, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    int(step),
+                    time.time() if wall_time is None else wall_time,
+                    duration,
+                    int(spec["prefix_len"]),
+                    int(spec["suffix_len"]),
+                    int(spec["entropy_window"]),
+                    str(spec.get("mode", "full")),
+                    spec_json,
+                    label,
+                ),
+            )
+            eval_id = int(cur.lastrowid)
+            c.executemany(
+                "INSERT INTO results (eval_id, probe_id, exact, match_ratio, prefix_match_len, edit_similarity,"
+                " suffix_nll, near_tie, exposure, generated, entropy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                zip(
+                    [eval_id] * n,
+                    probe_ids,
+                    (int(x) for x in exact),
+                    ratio,
+                    pml,
+                    sim,
+                    nll,
+                    (int(x) for x in tie),
+                    expo,
+                    gen,
+                    ent,
+                    strict=True,
+                ),
+            )
+        return eval_id
+
+    def add_alert(
+        self,
+        run_id: int,
+        step: int,
+        *,
+        rule: str,
+        message: str,
+        group: str | None = None,
+        probe_ids: Sequence[str] = (),
+        action: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        wall_time: float | None = None,
+    ) -> int:
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO alerts (run_id, step, wall_time, rule, grp, probe_ids, message, action, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    int(step),
+                    time.time() if wall_time is None else wall_time,
+                    rule,
+                    group,
+                    json.dumps(list(probe_ids)),
+                    message,
+                    action,
+                    json.dumps(dict(data or {}), default=str),
+                ),
+            )
+            return int(cur.lastrowid)
+
+    def truncate_after(self, run_id: int, step: int) -> int:
+        """Delete a run's evaluations and alerts after `step` (a resumed run replaces them); returns how many evals."""
+        with self.transaction() as c:
+            ids = [
+                r[0]
+                for r in c.execute("SELECT eval_id FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
+            ]
+            c.executemany("DELETE FROM results WHERE eval_id = ?", ((i,) for i in ids))
+            c.execute("DELETE FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
+            c.execute("DELETE FROM alerts WHERE run_id = ? AND step > ?", (run_id, step))
+            return len(ids)
+
+    # --- reading ---------------------------------------------------------------------------------------------
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT run_id, name, created, source, model, config FROM runs ORDER BY run_id"
+        )
+        return [
+            {
+                "run_id": r[0],
+                "name": r[1],
+                "created": r[2],
+                "source": r[3],
+                "model": r[4],
+                "config": json.loads(r[5] or "{}"),
+            }
+            for r in rows
+        ]
+
+    def panel(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's probes in panel order: id, group, meta, tokens."""
+        rows = self.conn.execute(
+            "SELECT rp.probe_id, rp.grp, rp.meta, p.tokens FROM run_probes rp JOIN probes p USING (probe_id)"
+            " WHERE rp.run_id = ? ORDER BY rp.position",
+            (run_id,),
+        )
+        return [
+            {"id": r[0], "group": r[1], "meta": json.loads(r[2] or "{}"), "tokens": decode_ints(r[3])}
+            for r in rows
+        ]
+
+    def evals(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT eval_id, step, wall_time, duration, prefix_len, suffix_len, entropy_window, mode, spec, label"
+            " FROM evals WHERE run_id = ? ORDER BY step, eval_id",
+            (run_id,),
+        )
+        keys = (
+            "eval_id",
+            "step",
+            "wall_time",
+            "duration",
+            "prefix_len",
+            "suffix_len",
+            "entropy_window",
+            "mode",
+            "spec",
+            "label",
+        )
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r, strict=True))
+            d["spec"] = json.loads(d["spec"])
+            out.append(d)
+        return out
+
+    def results(self, eval_id: int) -> list[dict[str, Any]]:
+        """Rows of one evaluation (blobs left as bytes; see decode_floats / decode_ints)."""
+        cur = self.conn.execute(
+            "SELECT probe_id, " + ", ".join(RESULT_COLUMNS) + " FROM results WHERE eval_id = ?", (eval_id,)
+        )
+        keys = ("probe_id", *RESULT_COLUMNS)
+        return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    def probe_results(self, run_id: int, probe_id: str) -> list[dict[str, Any]]:
+        """One probe's rows across a run's evaluations, by step."""
+        cur = self.conn.execute(
+            "SELECT e.step, "
+            + ", ".join("r." + c for c in RESULT_COLUMNS)
+            + " FROM results r JOIN evals e USING (eval_id)"
+            " WHERE r.probe_id = ? AND e.run_id = ? ORDER BY e.step",
+            (probe_id, run_id),
+        )
+        keys = ("step", *RESULT_COLUMNS)
+        return [dict(zip(keys, r, strict=True)) for r in cur]
+
+    def alerts(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT run_id, step, wall_time, rule, grp, probe_ids, message, action, data FROM alerts"
+        params: tuple[Any, ...] = ()
+        if run_id is not None:
+            sql += " WHERE run_id = ?"
+            params = (run_id,)
+        keys = ("run_id", "step", "wall_time", "rule", "group", "probe_ids", "message", "action", "data")
+        out = []
+        for r in self.conn.execute(sql + " ORDER BY step, alert_id", params):
+            d = dict(zip(keys, r, strict=True))
+            d["probe_ids"] = json.loads(d["probe_ids"] or "[]")
+            d["data"] = json.loads(d["data"] or "{}")
+            out.append(d)
+        return out

@@ -1,0 +1,328 @@
+"""Probes and panels: content ids, sampling windows from datasets with a private RNG, user probes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "GROUP_ORDER",
+    "Panel",
+    "Probe",
+    "example_tokens",
+    "probe_id",
+    "probes_from_user",
+    "rng_guard",
+    "sample_windows",
+]
+
+log = logging.getLogger("memwatch")
+
+# DESIGN.md §2 groups, in the order panels list them and a duplicate window keeps the first.
+GROUP_ORDER = ("canary", "canary_heldout", "train", "heldout")
+IGNORE_INDEX = -100  # the label value Hugging Face losses skip
+
+
+def probe_id(tokens: Sequence[int]) -> str:
+    """Content id of a token sequence: the first 16 hex digits of SHA-256 over its int32 little-endian bytes."""
+    return hashlib.sha256(np.asarray(tokens, dtype="<i4").tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A token sequence of at least k + m tokens with a content id, a group and metadata (e.g. a canary's tier)."""
+
+    tokens: tuple[int, ...]
+    group: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group, str) or not self.group:
+            raise ValueError(f"a probe's group must be a non-empty string; got {self.group!r}")
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        object.__setattr__(self, "id", probe_id(self.tokens))
+
+
+class Panel:
+    """An ordered, de-duplicated set of probes, fixed for a run so that transitions are measurable."""
+
+    def __init__(self, probes: Iterable[Probe] = ()) -> None:
+        self.probes: list[Probe] = []
+        self._index: dict[str, int] = {}
+        self.duplicates = 0
+        for p in probes:
+            self.add(p)
+
+    def add(self, probe: Probe) -> bool:
+        """Add a probe unless its content is already in the panel (the earlier group wins). True if added."""
+        if probe.id in self._index:
+            self.duplicates += 1
+            return False
+        self._index[probe.id] = len(self.probes)
+        self.probes.append(probe)
+        return True
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def __iter__(self) -> Iterator[Probe]:
+        return iter(self.probes)
+
+    def index(self, pid: str) -> int:
+        return self._index[pid]
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.probes]
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([p.group for p in self.probes], dtype=object)
+
+    def group_names(self) -> list[str]:
+        """Groups present, DESIGN.md's four first, then user groups in order of appearance."""
+        present = list(dict.fromkeys(p.group for p in self.probes))
+        return [g for g in GROUP_ORDER if g in present] + [g for g in present if g not in GROUP_ORDER]
+
+    def tokens(self, length: int) -> np.ndarray:
+        """The first `length` tokens of every probe, int64 [N, length]."""
+        if not self.probes:
+            return np.zeros((0, length), dtype=np.int64)
+        return np.array([p.tokens[:length] for p in self.probes], dtype=np.int64)
+
+    def filter_short(self, length: int) -> int:
+        """Drop probes shorter than `length` tokens; returns how many were dropped."""
+        keep = [p for p in self.probes if len(p.tokens) >= length]
+        dropped = len(self.probes) - len(keep)
+        if dropped:
+            self.probes = keep
+            self._index = {p.id: i for i, p in enumerate(keep)}
+        return dropped
+
+
+@contextlib.contextmanager
+def rng_guard() -> Iterator[None]:
+    """Run a block and restore every global RNG it may touch: Python's, NumPy's, torch CPU and CUDA."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = cuda_state = None
+    try:
+        import torch
+
+        torch_state = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda_state = torch.cuda.get_rng_state_all()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if torch is not None and torch_state is not None:
+            torch.set_rng_state(torch_state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state_all(cuda_state)
+
+
+def _to_list(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list | tuple) and value and isinstance(value[0], list | tuple):
+        value = value[0]  # a batch of one
+    try:
+        return [int(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def example_tokens(
+    example: Any, collator: Callable[[list[Any]], Any] | None = None
+) -> tuple[list[int], list[bool]] | None:
+    """(input_ids, trained) of one dataset example; trained[i] says whether token i receives loss.
+
+    The collator, when given, is the authority (completion-only SFT collators mask the prompt there); it is
+    called on a batch of one under rng_guard. Otherwise dataset labels (!= -100) decide, and padding
+    (attention_mask == 0) never counts. None if the example holds no token ids.
+    """
+    if isinstance(example, Mapping):
+        ids = _to_list(example.get("input_ids"))
+        labels = _to_list(example.get("labels"))
+        attn = _to_list(example.get("attention_mask"))
+    else:
+        ids, labels, attn = _to_list(example), None, None
+    if not ids:
+        return None
+    trained = [True] * len(ids)
+    if labels is not None and len(labels) == len(ids):
+        trained = [lab != IGNORE_INDEX for lab in labels]
+    if collator is not None and isinstance(example, Mapping):
+        collated = _collated_labels(collator, example, ids)
+        if collated is not None:
+            trained = collated
+    if attn is not None and len(attn) == len(ids):
+        trained = [t and bool(a) for t, a in zip(trained, attn, strict=True)]
+    return ids, trained
+
+
+def _collated_labels(
+    collator: Callable[[list[Any]], Any], example: Mapping, ids: list[int]
+) -> list[bool] | None:
+    try:
+        with rng_guard():
+            batch = collator([dict(example)])
+    except (
+        Exception
+    ) as exc:  # a collator that cannot take a single example: fall back to the dataset's labels
+        log.debug("memwatch: collator failed on a single example (%s); using dataset labels", exc)
+        return None
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        return None
+    labels = _to_list(batch["labels"])
+    got = _to_list(batch.get("input_ids"))
+    if labels is None or got is None or len(labels) != len(got):
+        return None
+    # Find the example inside the (possibly padded) collated row.
+    n = len(ids)
+    for offset in (0, len(got) - n):
+        if offset >= 0 and got[offset : offset + n] == ids:
+            # Causal LM labels are the input ids (shifted inside the model): token i is trained iff labels[i] != -100.
+            return [lab != IGNORE_INDEX for lab in labels[offset : offset + n]]
+    return None
+
+
+def _window_starts(trained: list[bool], n_tokens: int, k: int, m: int) -> list[int]:
+    """Starts s with s + k + m <= len whose suffix [s+k, s+k+m) is entirely trained and whose prefix is real text."""
+    if n_tokens < k + m:
+        return []
+    bad = np.cumsum([0] + [not t for t in trained])  # bad[i] = untrained tokens before i
+    starts = np.arange(0, n_tokens - (k + m) + 1)
+    ok = bad[starts + k + m] - bad[starts + k] == 0
+    return starts[ok].tolist()
+
+
+def sample_windows(
+    dataset: Any,
+    n: int,
+    *,
+    prefix_len: int,
+    suffix_len: int,
+    group: str,
+    seed: int,
+    collator: Callable[[list[Any]], Any] | None = None,
+    window: str = "first",
+    scan_limit: int | None = None,
+) -> list[Probe]:
+    """Sample up to n windows of k + m tokens from a tokenized dataset, deterministically for a seed.
+
+    Examples are visited in a seeded random order (a private numpy Generator: the training RNG is untouched)
+    and contribute one window each among the windows whose suffix lies in trained tokens: the earliest one
+    (window="first": the sequence as the model saw it, at the same positions and with no context cut off;
+    Pythia's convention, and the start of the completion under completion-only SFT) or a uniformly random one
+    (window="random"). Later rounds take further, non-overlapping windows from the same examples if the dataset
+    is small. Iterable datasets without a length are read from the start, up to `scan_limit` examples
+    (default 20 n).
+    """
+    if window not in ("first", "random"):
+        raise ValueError(f"window must be 'first' or 'random'; got {window!r}")
+    if n <= 0 or dataset is None:
+        return []
+    rng = np.random.default_rng([seed, 0x6D656D])  # private stream, distinct per seed
+    k, m = prefix_len, suffix_len
+    length = k + m
+    examples: list[Any]
+    try:
+        size = len(dataset)
+        order = rng.permutation(size).tolist()
+        get: Callable[[int], Any] = dataset.__getitem__
+    except TypeError:
+        limit = scan_limit or 20 * n
+        with rng_guard():
+            examples = []
+            for i, ex in enumerate(dataset):
+                if i >= limit:
+                    break
+                examples.append(ex)
+        order = rng.permutation(len(examples)).tolist()
+        get = examples.__getitem__
+    probes: list[Probe] = []
+    seen: set[str] = set()
+    taken: dict[int, set[int]] = {}
+    candidates: dict[int, tuple[list[int], list[int]]] = {}
+    for round_ in range(4):  # later rounds revisit examples that still have unused windows
+        for idx in order:
+            if len(probes) >= n:
+                return probes
+            if round_ == 0:
+                parsed = example_tokens(get(idx), collator)
+                if parsed is None:
+                    continue
+                ids, trained = parsed
+                starts = _window_starts(trained, len(ids), k, m)
+                if not starts:
+                    continue
+                candidates[idx] = (ids, starts)
+            elif idx not in candidates:
+                continue
+            ids, starts = candidates[idx]
+            used = taken.setdefault(idx, set())
+            free = [s for s in starts if all(abs(s - u) >= length for u in used)]
+            if not free:
+                continue
+            first_round_first = round_ == 0 and window == "first"
+            s = free[0] if first_round_first else free[int(rng.integers(len(free)))]
+            probe = Probe(tuple(ids[s : s + length]), group, {"source_index": int(idx), "start": int(s)})
+            if probe.id in seen:
+                continue
+            used.add(s)
+            seen.add(probe.id)
+            probes.append(probe)
+        if len(probes) >= n or not candidates:
+            break
+    return probes
+
+
+def probes_from_user(
+    items: Iterable[Any],
+    *,
+    tokenizer: Any = None,
+    default_group: str = "user",
+) -> list[Probe]:
+    """Probes from what a user passes: texts, token-id lists, or dicts {"text"|"input_ids", "group", "meta"}."""
+    out: list[Probe] = []
+    for i, item in enumerate(items):
+        group, meta = default_group, {}
+        if isinstance(item, Probe):
+            out.append(item)
+            continue
+        if isinstance(item, Mapping):
+            group = item.get("group", default_group)
+            meta = dict(item.get("meta", {}))
+            if "id" in item:
+                meta["user_id"] = item["id"]
+            item = item.get("input_ids", item.get("text"))
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError(
+                    f"probe {i} is text but no tokenizer is available; pass token ids instead, or give the Trainer "
+                    "a processing_class / the callback a tokenizer."
+                )
+            ids = list(tokenizer(item, add_special_tokens=False)["input_ids"])
+        else:
+            ids = _to_list(item)
+            if ids is None:
+                raise ValueError(
+                    f"probe {i} must be a text, a list of token ids or a dict; got {type(item).__name__}"
+                )
+        out.append(Probe(tuple(ids), group, meta))
+    return out

@@ -1,0 +1,104 @@
+"""Console reporter: a compact rich table after each evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..evaluation import EvalRecord
+
+__all__ = ["ConsoleReporter", "record_table", "tier_table"]
+
+
+def _fmt(value: float, spec: str = ".2f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def record_table(record: EvalRecord) -> Table:
+    """One row per group: size, exact extractions, rates, means, events, boundary jump of the largest bucket."""
+    title = f"memwatch · step {record.step} · {len(record.probe_ids)} probes · {record.duration:.1f}s"
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    for col, justify in (
+        ("group", "left"),
+        ("n", "right"),
+        ("exact", "right"),
+        ("rate", "right"),
+        ("match", "right"),
+        ("edit sim", "right"),
+        ("nll", "right"),
+        ("new", "right"),
+        ("forgot", "right"),
+        ("jump", "right"),
+    ):
+        table.add_column(col, justify=justify)
+    for g, st in record.stats.items():
+        jump = math.nan
+        if st.boundary:
+            biggest = max(st.boundary, key=lambda b: st.buckets[_bucket_index(b)])
+            jump = st.boundary[biggest][2]
+        rate_style = "bold red" if g in ("heldout", "canary_heldout") and st.extracted else ""
+        table.add_row(
+            g,
+            str(st.n),
+            str(st.extracted),
+            f"[{rate_style}]{_fmt(st.extraction_rate, '.1%')}[/]"
+            if rate_style
+            else _fmt(st.extraction_rate, ".1%"),
+            _fmt(st.mean_match_ratio),
+            _fmt(st.mean_edit_similarity),
+            _fmt(st.mean_suffix_nll),
+            f"[green]+{st.newly_memorized}[/]" if st.newly_memorized else "0",
+            f"[yellow]-{st.forgotten}[/]" if st.forgotten else "0",
+            _fmt(jump, "+.2f"),
+        )
+    return table
+
+
+def tier_table(tiers: list[dict[str, Any]], title: str = "canaries: dose-response") -> Table:
+    """Per repetition tier: inserted canaries extracted, twins extracted (the control), exposure, first memorized."""
+    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    for col in (
+        "repetitions",
+        "extracted",
+        "twins extracted",
+        "exposure",
+        "twins' exposure",
+        "match",
+        "first memorized",
+    ):
+        table.add_column(col, justify="right")
+    for row in tiers:
+        table.add_row(
+            f"{row['repetitions']}x",
+            f"{row['inserted_extracted']}/{row['inserted']}",
+            f"{row['twins_extracted']}/{row['twins']}",
+            _fmt(row["mean_exposure"], ".1f") + (" bits" if row["mean_exposure"] is not None else ""),
+            _fmt(row["twins_mean_exposure"], ".1f"),
+            _fmt(row["mean_match_ratio"]),
+            "-" if row["first_memorized_step"] is None else f"step {row['first_memorized_step']}",
+        )
+    return table
+
+
+def _bucket_index(name: str) -> int:
+    from ..metrics import BUCKET_NAMES
+
+    return BUCKET_NAMES.index(name) if name in BUCKET_NAMES else 0
+
+
+class ConsoleReporter:
+    """Prints record_table after each evaluation (the monitor calls it on rank 0 only)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+
+    def write(self, record: EvalRecord) -> None:
+        self.console.print(record_table(record))
+        if record.tiers:
+            self.console.print(tier_table(record.tiers))
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self.console.print(*args, **kwargs)

@@ -1,0 +1,170 @@
+"""The SQLite history: round trip, permissions, schema checks, never truncating someone else's file."""
+
+import os
+import sqlite3
+import stat
+
+import numpy as np
+import pytest
+
+from memwatch.history import SCHEMA_VERSION, HistoryError, HistoryStore, decode_floats, decode_ints
+
+SPEC = {"prefix_len": 4, "suffix_len": 3, "entropy_window": 2, "mode": "full"}
+
+
+def _columns(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "exact": rng.random(n) < 0.3,
+        "match_ratio": rng.random(n).astype(np.float32),
+        "prefix_match_len": rng.integers(0, 3, n),
+        "edit_similarity": rng.random(n).astype(np.float32),
+        "suffix_nll": rng.random(n).astype(np.float32),
+        "near_tie": np.zeros(n, bool),
+        "exposure": None,
+        "generated": rng.integers(0, 100, (n, 3)).astype(np.int32),
+        "entropy": rng.random((n, 5)).astype(np.float32),
+    }
+
+
+def _store_with_run(path, n=5):
+    h = HistoryStore(path)
+    run = h.add_run("r1", config={"a": 1})
+    probes = [
+        (f"p{i}", [i, i + 1, i + 2, 7, 8, 9, 10], "train" if i % 2 else "heldout", {"tier": i})
+        for i in range(n)
+    ]
+    h.add_probes(run, probes)
+    return h, run
+
+
+def test_round_trip(tmp_path):
+    h, run = _store_with_run(tmp_path / "h.sqlite")
+    cols = _columns(5)
+    eid = h.add_evaluation(
+        run, 10, spec=SPEC, probe_ids=[f"p{i}" for i in range(5)], columns=cols, duration=1.5
+    )
+    rows = h.results(eid)
+    assert [r["probe_id"] for r in rows] == [f"p{i}" for i in range(5)]
+    for i, r in enumerate(rows):
+        assert r["exact"] == int(cols["exact"][i])
+        assert r["match_ratio"] == pytest.approx(float(cols["match_ratio"][i]))
+        assert decode_ints(r["generated"]) == cols["generated"][i].tolist()
+        np.testing.assert_allclose(decode_floats(r["entropy"]), cols["entropy"][i])
+        assert r["exposure"] is None
+    assert h.panel(run)[3] == {
+        "id": "p3",
+        "group": "train",
+        "meta": {"tier": 3},
+        "tokens": [3, 4, 5, 7, 8, 9, 10],
+    }
+    ev = h.evals(run)
+    assert len(ev) == 1 and ev[0]["step"] == 10 and ev[0]["spec"] == SPEC and ev[0]["duration"] == 1.5
+    assert h.runs()[0]["config"] == {"a": 1}
+    h.close()
+
+
+def test_same_step_is_replaced_and_truncate_after(tmp_path):
+    h, run = _store_with_run(tmp_path / "h.sqlite")
+    ids = [f"p{i}" for i in range(5)]
+    for step in (0, 10, 20, 30):
+        h.add_evaluation(run, step, spec=SPEC, probe_ids=ids, columns=_columns(5, step))
+    h.add_evaluation(run, 20, spec=SPEC, probe_ids=ids, columns=_columns(5, 99))  # replaces, not duplicates
+    assert [e["step"] for e in h.evals(run)] == [0, 10, 20, 30]
+    h.add_alert(run, 30, rule="x", message="m")
+    assert h.truncate_after(run, 10) == 2
+    assert [e["step"] for e in h.evals(run)] == [0, 10]
+    assert h.alerts(run) == []
+    assert h.conn.execute("SELECT count(*) FROM results").fetchone()[0] == 10
+    assert len(h.probe_results(run, "p1")) == 2
+    h.close()
+
+
+def test_private_file_modes_wal_and_schema_version(tmp_path):
+    path = tmp_path / "sub" / "h.sqlite"
+    h, run = _store_with_run(path)
+    h.add_evaluation(
+        run,
+        1,
+        spec=SPEC,
+        probe_ids=["p0"],
+        columns={k: v[:1] if v is not None else None for k, v in _columns(1).items()},
+    )
+    for p in (path, str(path) + "-wal", str(path) + "-shm"):
+        assert os.path.exists(p)
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    assert h.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert h.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = {r[0] for r in h.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"evals_by_step", "results_by_probe"} <= indexes
+    h.close()
+    # Reopening continues the same file.
+    h2 = HistoryStore(path)
+    assert h2.find_run("r1", "live") == run and len(h2.evals(run)) == 1
+    h2.close()
+
+
+def test_refuses_foreign_corrupt_and_newer_files_without_touching_them(tmp_path):
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not a database at all" * 100)
+    before = junk.read_bytes()
+    with pytest.raises(HistoryError, match="not a readable memwatch history"):
+        HistoryStore(junk)
+    assert junk.read_bytes() == before
+
+    other = tmp_path / "other.sqlite"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    with pytest.raises(HistoryError, match="not a memwatch history"):
+        HistoryStore(other)
+    assert other.read_bytes() == before
+
+    newer = tmp_path / "newer.sqlite"
+    HistoryStore(newer).close()
+    con = sqlite3.connect(newer)
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    before = newer.read_bytes()
+    with pytest.raises(HistoryError, match="newer memwatch"):
+        HistoryStore(newer)
+    assert newer.read_bytes() == before
+
+    with pytest.raises(HistoryError, match="no history at"):
+        HistoryStore(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_locked_history_is_a_clear_error(tmp_path):
+    path = tmp_path / "h.sqlite"
+    HistoryStore(path).close()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(HistoryError, match="locked by another process"):
+            h = HistoryStore(path, timeout=0.2)
+            h.add_run("x")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
+def test_unwritable_location(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(HistoryError, match="cannot create the history"):
+        HistoryStore(blocker / "h.sqlite")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(HistoryError, match="cannot create the history"):
+            HistoryStore(ro / "h.sqlite")
+    finally:
+        ro.chmod(0o700)

@@ -1,0 +1,103 @@
+"""Pure metric functions against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from memwatch import metrics
+
+
+def test_prefix_match_ratio_and_edit_similarity_by_hand():
+    g = np.array([[1, 2, 3, 4], [1, 9, 3, 4], [5, 6, 7, 8], [2, 3, 4, 0]])
+    s = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    assert metrics.prefix_match_len(g, s).tolist() == [4, 1, 0, 0]
+    np.testing.assert_allclose(metrics.match_ratio(g, s), [1.0, 0.75, 0.0, 0.0])
+    # Row 3 skipped the first word and recited the rest: Levenshtein 2 (delete 1, insert 0) -> similarity 0.5,
+    # although its match ratio is 0 (Ippolito et al.'s point).
+    np.testing.assert_allclose(metrics.edit_similarity(g, s), [1.0, 0.75, 0.0, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "d"),
+    [
+        ("kitten", "sitting", 3),
+        ("flaw", "lawn", 2),
+        ("", "abc", 3),
+        ("abc", "abc", 0),
+        ("abcdef", "azced", 3),
+    ],
+)
+def test_levenshtein_classic_pairs(a, b, d):
+    enc = lambda t: np.array([[ord(c) for c in t]], dtype=np.int64).reshape(1, len(t))  # noqa: E731
+    assert metrics.levenshtein(enc(a), enc(b)).tolist() == [d]
+
+
+def test_levenshtein_matches_scalar_dp_on_random_rows():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 3, (200, 9))
+    b = rng.integers(0, 3, (200, 7))
+
+    def dp(x, y):
+        prev = list(range(len(y) + 1))
+        for i, xi in enumerate(x, 1):
+            cur = [i]
+            for j, yj in enumerate(y, 1):
+                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (xi != yj)))
+            prev = cur
+        return prev[-1]
+
+    assert metrics.levenshtein(a, b).tolist() == [dp(x, y) for x, y in zip(a, b, strict=True)]
+
+
+def test_buckets_follow_chen_et_al_intervals():
+    ratios = np.array([0.0, 0.2, 0.21, 0.4, 0.5, 0.6, 0.8, 0.81, 0.99, 1.0])
+    assert metrics.bucket_of(ratios).tolist() == [0, 0, 1, 1, 2, 2, 3, 4, 4, 5]
+    # A row only counts as exact through `exact`, when given.
+    assert metrics.bucket_of(np.array([1.0, 0.9]), np.array([False, True])).tolist() == [4, 5]
+    assert metrics.BUCKET_NAMES[5] == "exact"
+
+
+def test_memorized_threshold():
+    ratio = np.array([1.0, 0.9, 0.5])
+    exact = np.array([True, False, False])
+    assert metrics.memorized(ratio, exact).tolist() == [True, False, False]
+    assert metrics.memorized(ratio, exact, 0.9).tolist() == [True, True, False]
+
+
+def test_transition_matrix_counts():
+    prev = np.array([0, 0, 5, 3, 5])
+    cur = np.array([0, 5, 5, 5, 2])
+    t = metrics.transition_matrix(prev, cur)
+    assert t.shape == (6, 6) and t.sum() == 5
+    assert t[0, 0] == 1 and t[0, 5] == 1 and t[5, 5] == 1 and t[3, 5] == 1 and t[5, 2] == 1
+
+
+def test_memorization_events_forgetting_and_rememorization():
+    prev = np.array([True, False, True, False, False])
+    cur = np.array([True, True, False, True, False])
+    ever = np.array([True, False, True, True, False])  # probe 3 was memorized at some earlier evaluation
+    ev = metrics.memorization_events(prev, cur, ever)
+    assert ev["newly"].tolist() == [False, True, False, True, False]
+    assert ev["first"].tolist() == [False, True, False, False, False]
+    assert ev["rememorized"].tolist() == [False, False, False, True, False]
+    assert ev["forgotten"].tolist() == [False, False, True, False, False]
+    first = metrics.memorization_events(None, cur, np.zeros(5, bool))
+    assert first["newly"].tolist() == cur.tolist() and not first["forgotten"].any()
+
+
+def test_entropy_profiles_and_boundary_jump():
+    w = 4
+    ent = np.array(
+        [[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 5, 5, 3, 3], [0, 0, 0, 0, 0, 0, 0, 0]], dtype=float
+    )
+    buckets = np.array([5, 0, 5])
+    prof = metrics.entropy_profiles(ent, buckets)
+    np.testing.assert_allclose(prof[5], [0.5] * 8)
+    pre, post, jump = metrics.boundary_stats(prof[0], w, width=2)
+    assert (pre, post, jump) == (2.0, 5.0, 3.0)
+    # width is capped at w and m
+    assert metrics.boundary_stats(prof[0], w, width=10)[2] == pytest.approx(
+        (5 + 5 + 3 + 3) / 4 - (1 + 1 + 2 + 2) / 4
+    )
+    assert all(math.isnan(v) for v in metrics.boundary_stats(np.ones(4), 0, 2))

@@ -1,0 +1,154 @@
+"""The framework-agnostic Monitor, its cadence and its configuration."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from _models import VOCAB, memorizing_panel, trained_model
+
+from memwatch import Monitor, MonitorConfig
+from memwatch.config import ConfigError
+from memwatch.history import HistoryStore
+from memwatch.monitor import Cadence, SetupError, nice_ceil
+
+
+def test_config_defaults_and_validation():
+    cfg = MonitorConfig()
+    assert cfg.every_n_steps is None and cfg.prefix_len == cfg.suffix_len == 32 and cfg.entropy_window == 16
+    assert cfg.train_probes == 512 and cfg.heldout_probes == 256 and not cfg.reveal_text
+    assert MonitorConfig(every_n_steps=50).every_n_steps == 50
+    assert MonitorConfig(prefix_len=8).entropy_window == 7  # the default window fits a short prefix
+    with pytest.raises(AttributeError, match=r"frozen|cannot assign"):
+        cfg.every_n_steps = 3
+    for kwargs, message in [
+        ({"every_n_steps": 0}, "every_n_steps must be an integer >= 1 or None"),
+        ({"max_overhead": 0}, r"max_overhead must be a number in \(0, 1\]"),
+        ({"prefix_len": 16, "entropy_window": 16}, "entropy_window must be at most prefix_len - 1 = 15"),
+        ({"mode": "fast"}, "mode must be 'full' or 'exact'"),
+        ({"amp_dtype": "int8"}, "amp_dtype must be"),
+        ({"memorized_threshold": 1.5}, "memorized_threshold must be a number in"),
+        ({"console": "yes"}, "console must be True or False"),
+        ({"window": "middle"}, "window must be 'first' or 'random'"),
+        ({"history_path": ""}, "history_path must be a non-empty string or None"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            MonitorConfig(**kwargs)
+
+
+def test_nice_ceil():
+    assert [nice_ceil(x) for x in (0.3, 1, 1.5, 3, 7, 11, 49, 51, 101, 999, 1001)] == [
+        1,
+        1,
+        2,
+        5,
+        10,
+        20,
+        50,
+        100,
+        200,
+        1000,
+        2000,
+    ]
+
+
+def test_fixed_cadence():
+    c = Cadence(every_n_steps=10, max_overhead=0.02)
+    assert [s for s in range(1, 41) if c.due(s)] == [10, 20, 30, 40]
+    c.evaluated(20, 1.0)
+    assert not c.due(20)
+
+
+def test_adaptive_cadence_keeps_evaluation_time_under_the_budget():
+    c = Cadence(every_n_steps=None, max_overhead=0.02, warmup_steps=5)
+    c.evaluated(0, 2.0)  # an evaluation costs 2 s
+    assert c.interval is None  # no step time yet
+    for _ in range(5):
+        c.add_step_time(0.1)  # a step costs 0.1 s
+    # 2 s per evaluation at <= 2% overhead needs >= 1000 steps of 0.1 s between evaluations.
+    assert c.interval == 1000
+    assert c.due(1000) and not c.due(500)
+    c.evaluated(1000, 0.2)  # cheaper evaluations shorten the interval (smoothed cost 1.1 s)
+    assert c.interval == 1000 and c.eval_cost == pytest.approx(1.1)
+    c.evaluated(2000, 0.2)
+    assert c.interval == 500
+
+
+def _loop_monitor(tmp_path, **cfg):
+    k, m = 16, 16
+    train, panel = memorizing_panel(k, m)
+    config = MonitorConfig(prefix_len=k, suffix_len=m, entropy_window=8, console=False, **cfg)
+    monitor = Monitor(config, probes=[{"input_ids": r.tolist(), "group": "custom"} for r in panel[8:]])
+    return monitor, train, panel
+
+
+def test_monitor_in_a_plain_loop(tmp_path):
+    monitor, train, _ = _loop_monitor(tmp_path, every_n_steps=2)
+    model = trained_model("gpt2", 16, 16)
+    data = [{"input_ids": r.tolist()} for r in train]
+    monitor.setup(
+        model, output_dir=tmp_path, train_data=data, eval_data=[{"input_ids": r.tolist()} for r in train[:0]]
+    )
+    assert monitor.panel.group_names() == ["train", "custom"]
+    records = [monitor.on_step(model, step) for step in range(1, 6)]
+    assert [r is not None for r in records] == [False, True, False, True, False]
+    assert records[1].stats["train"].extracted == 4 and records[1].stats["custom"].extracted == 0
+    monitor.finish(model, 5)
+    assert monitor.evaluated_steps == [2, 4, 5]
+    with HistoryStore(os.path.join(tmp_path, "memwatch", "history.sqlite"), readonly=True) as h:
+        assert [e["step"] for e in h.evals(h.runs()[0]["run_id"])] == [2, 4, 5]
+    assert os.path.isdir(os.path.join(tmp_path, "memwatch", "tb"))
+
+
+def test_outputs_can_be_switched_off_and_relocated(tmp_path):
+    monitor, train, _ = _loop_monitor(
+        tmp_path, history=False, tensorboard=False, output_dir=str(tmp_path / "elsewhere"), heldout_probes=0
+    )
+    model = trained_model("gpt2", 16, 16)
+    monitor.setup(
+        model, output_dir=tmp_path / "ignored", train_data=[{"input_ids": r.tolist()} for r in train]
+    )
+    rec = monitor.evaluate(model, 0)
+    assert rec.stats["train"].extracted == 4
+    monitor.close()
+    assert not os.path.exists(tmp_path / "ignored") and not os.path.exists(tmp_path / "elsewhere")
+
+
+def test_setup_errors_are_clear(tmp_path):
+    model = trained_model("gpt2", 16, 16)
+    with pytest.raises(SetupError, match="no probes to evaluate"):
+        Monitor(MonitorConfig(prefix_len=16, suffix_len=16, console=False)).setup(
+            model, output_dir=tmp_path, train_data=[{"input_ids": [1] * 10}]
+        )
+    with pytest.raises(SetupError, match="no tokenizer"):
+        Monitor(MonitorConfig(console=False), probes=["some text"]).setup(model, output_dir=tmp_path)
+    with pytest.raises(SetupError, match="another tokenizer"):
+        Monitor(MonitorConfig(prefix_len=16, suffix_len=16, console=False), probes=[[VOCAB + 5] * 40]).setup(
+            model, output_dir=tmp_path
+        )
+    with pytest.raises(SetupError, match="position limit of 128"):
+        Monitor(MonitorConfig(prefix_len=100, suffix_len=100, console=False), probes=[[1] * 200]).setup(
+            model, output_dir=tmp_path
+        )
+    with pytest.raises(TypeError, match="MonitorConfig"):
+        Monitor({"every_n_steps": 5})
+
+
+def test_user_text_probes_with_a_tokenizer_and_short_ones_filtered(tmp_path, caplog):
+    class ByteTok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+    monitor = Monitor(
+        MonitorConfig(prefix_len=8, suffix_len=8, console=False, history=False, tensorboard=False),
+        probes=["a" * 20, "too short"],
+        tokenizer=ByteTok(),
+    )
+    with caplog.at_level("WARNING", logger="memwatch"):
+        monitor.setup(trained_model("gpt2", 16, 16), output_dir=tmp_path)
+    assert len(monitor.panel) == 1 and monitor.panel.group_names() == ["user"]
+    assert "1 probe(s) shorter" in caplog.text
+    rec = monitor.evaluate(trained_model("gpt2", 16, 16), 0)
+    assert rec.result.entropy.shape == (1, 7 + 8)
+    assert np.isfinite(rec.result.suffix_nll).all()
