@@ -15,15 +15,19 @@ _LAZY = {
     "Monitor": "memwatch.monitor",
     "Probe": "memwatch.probes",
     "MemWatchCallback": "memwatch.integrations.hf",
+    "exposure": "memwatch.metrics",
+    "History": "memwatch.analysis",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .analysis import History as History
     from .config import MonitorConfig as MonitorConfig
     from .extraction import ExtractionResult as ExtractionResult
     from .extraction import extract as extract
     from .integrations.hf import MemWatchCallback as MemWatchCallback
+    from .metrics import exposure as exposure
     from .monitor import Monitor as Monitor
     from .probes import Probe as Probe
 

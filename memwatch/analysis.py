@@ -1,0 +1,360 @@
+"""Post-hoc queries over a history: per-run arrays, group series, transitions, probe timelines, reports."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .history import HistoryError, HistoryStore
+
+__all__ = ["History", "RunData", "report_dict", "resolve_history_path"]
+
+
+def resolve_history_path(path: str | os.PathLike[str]) -> str:
+    """A history file, or a directory holding one (<dir>/memwatch/history.sqlite or <dir>/history.sqlite)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        for candidate in (os.path.join(p, "memwatch", "history.sqlite"), os.path.join(p, "history.sqlite")):
+            if os.path.isfile(candidate):
+                return candidate
+        raise HistoryError(
+            f"no memwatch history under {p} (looked for memwatch/history.sqlite and history.sqlite)"
+        )
+    if not os.path.exists(p):
+        raise HistoryError(f"no history at {p}: give a history file or a training output directory")
+    return p
+
+
+def _nan_mean(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    return float(values.mean()) if values.size else math.nan
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+@dataclass
+class RunData:
+    """One run's results as arrays: E evaluations (by step) x N probes (panel order)."""
+
+    run_id: int
+    name: str
+    source: str
+    model: str | None
+    config: dict[str, Any]
+    steps: np.ndarray  # int64 [E]
+    labels: list[str | None]  # e.g. checkpoint names of a scan
+    ids: list[str]
+    groups: np.ndarray  # object [N]
+    metas: list[dict[str, Any]]
+    tokens: list[list[int]]
+    exact: np.ndarray  # bool [E, N]
+    match_ratio: np.ndarray  # float [E, N] (NaN in mode "exact")
+    prefix_match_len: np.ndarray  # int [E, N]
+    edit_similarity: np.ndarray  # float [E, N]
+    suffix_nll: np.ndarray  # float [E, N]
+    near_tie: np.ndarray  # bool [E, N]
+    exposure: np.ndarray  # float [E, N], NaN where not computed
+    entropy: np.ndarray  # float32 [E, N, w + m]
+    generated: np.ndarray | None  # int [E, N, m] or None
+    specs: list[dict[str, Any]]
+
+    @property
+    def memorized_threshold(self) -> float:
+        return float(self.config.get("memorized_threshold", 1.0))
+
+    @property
+    def entropy_window(self) -> int:
+        return int(self.specs[0]["entropy_window"]) if self.specs else 0
+
+    def group_names(self) -> list[str]:
+        from .probes import GROUP_ORDER
+
+        present = list(dict.fromkeys(self.groups.tolist()))
+        return [g for g in GROUP_ORDER if g in present] + [g for g in present if g not in GROUP_ORDER]
+
+    def memorized(self) -> np.ndarray:
+        """bool [E, N]: exact, or match ratio >= the run's memorized_threshold."""
+        ratio = np.nan_to_num(self.match_ratio, nan=-1.0)
+        if self.memorized_threshold >= 1.0:
+            return self.exact.copy()
+        return self.exact | (ratio >= self.memorized_threshold)
+
+    def buckets(self) -> np.ndarray:
+        """int [E, N] bucket indices (prefix_match_len / m stands in where the match ratio is unknown)."""
+        m = max(1, int(self.specs[0]["suffix_len"])) if self.specs else 1
+        ratio = np.where(np.isnan(self.match_ratio), self.prefix_match_len / m, self.match_ratio)
+        return (
+            np.stack([metrics.bucket_of(ratio[e], self.exact[e]) for e in range(len(self.steps))])
+            if len(self.steps)
+            else np.zeros((0, len(self.ids)), dtype=np.int64)
+        )
+
+    def rows(self, group: str) -> np.ndarray:
+        return np.flatnonzero(self.groups == group)
+
+    def group_series(self) -> list[dict[str, Any]]:
+        """Per evaluation and group: n, extracted, rates and means, bucket counts."""
+        out = []
+        buckets = self.buckets()
+        mem = self.memorized()
+        for e, step in enumerate(self.steps.tolist()):
+            for g in self.group_names():
+                r = self.rows(g)
+                counts = np.bincount(buckets[e, r], minlength=len(metrics.BUCKET_NAMES))
+                out.append(
+                    {
+                        "step": step,
+                        "group": g,
+                        "n": len(r),
+                        "extracted": int(self.exact[e, r].sum()),
+                        "memorized": int(mem[e, r].sum()),
+                        "extraction_rate": float(self.exact[e, r].mean()) if len(r) else None,
+                        "mean_match_ratio": _clean(_nan_mean(self.match_ratio[e, r])),
+                        "mean_edit_similarity": _clean(_nan_mean(self.edit_similarity[e, r])),
+                        "mean_suffix_nll": _clean(_nan_mean(self.suffix_nll[e, r])),
+                        "mean_exposure": _clean(_nan_mean(self.exposure[e, r])),
+                        "buckets": dict(zip(metrics.BUCKET_NAMES, counts.tolist(), strict=True)),
+                    }
+                )
+        return out
+
+    def transitions(self, from_index: int | None = None, to_index: int | None = None) -> list[dict[str, Any]]:
+        """Transition matrices per group: between consecutive evaluations (default), or between two given ones."""
+        buckets = self.buckets()
+        pairs: Sequence[tuple[int, int]]
+        if from_index is None and to_index is None:
+            pairs = [(e - 1, e) for e in range(1, len(self.steps))]
+        else:
+            pairs = [
+                (
+                    from_index if from_index is not None else 0,
+                    to_index if to_index is not None else len(self.steps) - 1,
+                )
+            ]
+        out = []
+        for a, b in pairs:
+            for g in self.group_names():
+                r = self.rows(g)
+                out.append(
+                    {
+                        "from_step": int(self.steps[a]),
+                        "to_step": int(self.steps[b]),
+                        "group": g,
+                        "matrix": metrics.transition_matrix(buckets[a, r], buckets[b, r]).tolist(),
+                    }
+                )
+        return out
+
+    def timelines(self) -> list[dict[str, Any]]:
+        """Per probe: first step memorized, steps where it was forgotten and re-memorized."""
+        mem = self.memorized()
+        out = []
+        for i, pid in enumerate(self.ids):
+            col = mem[:, i]
+            first = np.flatnonzero(col)
+            forgotten = [int(self.steps[e]) for e in range(1, len(col)) if col[e - 1] and not col[e]]
+            again = [
+                int(self.steps[e]) for e in range(1, len(col)) if col[e] and not col[e - 1] and col[:e].any()
+            ]
+            out.append(
+                {
+                    "id": pid,
+                    "group": self.groups[i],
+                    "first_memorized_step": int(self.steps[first[0]]) if first.size else None,
+                    "forgotten_steps": forgotten,
+                    "rememorized_steps": again,
+                    "memorized_at_end": bool(col[-1]) if col.size else False,
+                    **(
+                        {"repetitions": self.metas[i]["repetitions"]}
+                        if "repetitions" in self.metas[i]
+                        else {}
+                    ),
+                }
+            )
+        return out
+
+    def first_memorized(self) -> np.ndarray:
+        """int64 [N]: the first step each probe was memorized, -1 if never."""
+        mem = self.memorized()
+        out = np.full(len(self.ids), -1, dtype=np.int64)
+        if len(self.steps):
+            any_mem = mem.any(axis=0)
+            out[any_mem] = self.steps[np.argmax(mem, axis=0)[any_mem]]
+        return out
+
+    def tiers(self) -> list[dict[str, Any]]:
+        """Canary dose-response per evaluation and repetition tier (inserted canaries against their twins)."""
+        from .evaluation import tier_rows
+
+        first = self.first_memorized()
+        out = []
+        for e, step in enumerate(self.steps.tolist()):
+            ratio = None if np.isnan(self.match_ratio[e]).all() else self.match_ratio[e]
+            out.extend(
+                tier_rows(step, self.groups, self.metas, self.exact[e], ratio, self.exposure[e], first)
+            )
+        return out
+
+    def entropy_profiles(self, index: int = -1) -> dict[str, dict[str, Any]]:
+        """Mean entropy profile and boundary stats per group and bucket at one evaluation (default: the last)."""
+        if not len(self.steps):
+            return {}
+        buckets = self.buckets()[index]
+        width = int(self.config.get("boundary_width", 4))
+        out: dict[str, dict[str, Any]] = {}
+        for g in self.group_names():
+            r = self.rows(g)
+            per = {}
+            for b, profile in metrics.entropy_profiles(self.entropy[index, r], buckets[r]).items():
+                pre, post, jump = metrics.boundary_stats(profile, self.entropy_window, width)
+                per[metrics.BUCKET_NAMES[b]] = {
+                    "n": int((buckets[r] == b).sum()),
+                    "profile": [round(float(v), 6) for v in profile],
+                    "pre": _clean(pre),
+                    "post": _clean(post),
+                    "jump": _clean(jump),
+                }
+            out[g] = per
+        return out
+
+
+class History:
+    """A memwatch history for notebooks and scripts: runs as numpy arrays, and the report tables."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = resolve_history_path(path)
+        self.store = HistoryStore(self.path, readonly=True)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.store.runs()
+
+    def run(self, which: int | str | None = None) -> RunData:
+        """A run by id or name (default: the latest)."""
+        runs = self.runs
+        if not runs:
+            raise HistoryError(f"{self.path} holds no runs yet")
+        if which is None:
+            info = runs[-1]
+        else:
+            matches = [r for r in runs if r["run_id"] == which or r["name"] == which]
+            if not matches:
+                names = ", ".join(f"{r['run_id']}:{r['name']}" for r in runs)
+                raise HistoryError(f"no run {which!r} in {self.path}; runs: {names}")
+            info = matches[-1]
+        return self._load(info)
+
+    def _load(self, info: dict[str, Any]) -> RunData:
+        from .history import decode_floats, decode_ints
+
+        panel = self.store.panel(info["run_id"])
+        evals = self.store.evals(info["run_id"])
+        ids = [p["id"] for p in panel]
+        index = {pid: i for i, pid in enumerate(ids)}
+        e, n = len(evals), len(ids)
+        w_m = (evals[0]["entropy_window"] + evals[0]["suffix_len"]) if evals else 0
+        m = evals[0]["suffix_len"] if evals else 0
+        exact = np.zeros((e, n), bool)
+        ratio = np.full((e, n), np.nan)
+        pml = np.zeros((e, n), np.int64)
+        sim = np.full((e, n), np.nan)
+        nll = np.full((e, n), np.nan)
+        tie = np.zeros((e, n), bool)
+        exposure = np.full((e, n), np.nan)
+        entropy = np.full((e, n, w_m), np.nan, dtype=np.float32)
+        generated = np.zeros((e, n, m), np.int64)
+        any_generated = False
+        for ei, ev in enumerate(evals):
+            for row in self.store.results(ev["eval_id"]):
+                i = index.get(row["probe_id"])
+                if i is None:
+                    continue
+                exact[ei, i] = bool(row["exact"])
+                pml[ei, i] = row["prefix_match_len"]
+                nll[ei, i] = row["suffix_nll"]
+                tie[ei, i] = bool(row["near_tie"])
+                if row["match_ratio"] is not None:
+                    ratio[ei, i] = row["match_ratio"]
+                if row["edit_similarity"] is not None:
+                    sim[ei, i] = row["edit_similarity"]
+                if row["exposure"] is not None:
+                    exposure[ei, i] = row["exposure"]
+                ent = decode_floats(row["entropy"])
+                if ent is not None and len(ent) == w_m:
+                    entropy[ei, i] = ent
+                gen = decode_ints(row["generated"])
+                if gen is not None and len(gen) == m:
+                    generated[ei, i] = gen
+                    any_generated = True
+        return RunData(
+            run_id=info["run_id"],
+            name=info["name"],
+            source=info["source"],
+            model=info["model"],
+            config=info["config"],
+            steps=np.array([ev["step"] for ev in evals], dtype=np.int64),
+            labels=[ev.get("label") for ev in evals],
+            ids=ids,
+            groups=np.array([p["group"] for p in panel], dtype=object),
+            metas=[p["meta"] for p in panel],
+            tokens=[p["tokens"] for p in panel],
+            exact=exact,
+            match_ratio=ratio,
+            prefix_match_len=pml,
+            edit_similarity=sim,
+            suffix_nll=nll,
+            near_tie=tie,
+            exposure=exposure,
+            entropy=entropy,
+            generated=generated if any_generated else None,
+            specs=[ev["spec"] for ev in evals],
+        )
+
+    def all_runs(self) -> list[RunData]:
+        return [self._load(info) for info in self.runs]
+
+
+def report_dict(history: History) -> dict[str, Any]:
+    """The JSON report: runs, per-group series, transitions between consecutive evaluations, probe timelines."""
+    runs = history.all_runs()
+    out: dict[str, Any] = {
+        "history": history.path,
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "name": r.name,
+                "source": r.source,
+                "model": r.model,
+                "evaluations": len(r.steps),
+                "probes": len(r.ids),
+            }
+            for r in runs
+        ],
+        "evals": [],
+        "transitions": [],
+        "probes": [],
+        "canaries": {"tiers": []},
+    }
+    for r in runs:
+        out["canaries"]["tiers"].extend({"run_id": r.run_id, **row} for row in r.tiers())
+        out["evals"].extend({"run_id": r.run_id, **row} for row in r.group_series())
+        out["transitions"].extend({"run_id": r.run_id, **row} for row in r.transitions())
+        out["probes"].extend({"run_id": r.run_id, **row} for row in r.timelines())
+    return out
