@@ -14,7 +14,7 @@ from torch import nn
 from . import metrics
 from .modeling import ModelInfo, inspect_model, preserved_state
 
-__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype"]
+__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix"]
 
 MODES = ("full", "exact")
 DEFAULT_ENTROPY_WINDOW = 16  # DESIGN.md §5; capped at prefix_len - 1 when the prefix is shorter
@@ -24,6 +24,9 @@ DEFAULT_ENTROPY_WINDOW = 16  # DESIGN.md §5; capped at prefix_len - 1 when the 
 DEFAULT_TIE_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.25e-1}
 # CPU batches beyond this size stop paying off, and a training process's host memory is not ours to take.
 _CPU_BUDGET_BYTES = 1 << 30
+# On CPU, throughput drops once a layer's widest activation ([rows, k+m, MLP width]) outgrows the caches:
+# measured 30-50% slower per token at 64 MiB than at 32 MiB for two GPT-2 sizes (benchmarks/README.md).
+_CPU_ACTIVATION_BYTES = 32 << 20
 # On CUDA, the share of free memory (driver-free plus the allocator's cached-but-unused) an extraction may use.
 _CUDA_BUDGET_SHARE = 0.5
 # fp32 working set for the log-softmax statistics; logits are processed in row chunks of at most this size.
@@ -193,8 +196,11 @@ def _auto_batch_size(
             budget = int(_CUDA_BUDGET_SHARE * (free + cached))
         else:
             budget = _CPU_BUDGET_BYTES
-    per_row = _row_bytes(info, k, m, w, mode, act_bytes)
-    return max(1, min(n, budget // per_row))
+    rows = budget // _row_bytes(info, k, m, w, mode, act_bytes)
+    if info.device.type == "cpu":
+        width = max(info.intermediate_size, 4 * info.hidden_size, 1)
+        rows = min(rows, _CPU_ACTIVATION_BYTES // ((k + m - 1) * width * act_bytes))
+    return max(1, min(n, rows))
 
 
 def _forward(info: ModelInfo, n_keep: int | None, **kwargs: object) -> tuple[torch.Tensor, object]:
@@ -488,6 +494,76 @@ def extract(
             if progress is not None:
                 progress(min(start + bs, n), n)
     return _assemble(parts, x_all[:, k:].numpy(), k, m, w, mode)
+
+
+def _repeat_cache(cache: object, n: int) -> object:
+    """A fresh copy of a batch-1 KV cache repeated n times along the batch (the original is left intact)."""
+    import copy
+
+    if isinstance(cache, tuple | list):
+        return tuple(tuple(t.expand(n, *t.shape[1:]).contiguous() for t in layer) for layer in cache)
+    fresh = copy.deepcopy(cache)
+    fresh.batch_repeat_interleave(n)
+    return fresh
+
+
+def suffix_nll_after_prefix(
+    model: nn.Module,
+    prefix: Sequence[int] | np.ndarray | torch.Tensor,
+    suffixes: Sequence[Sequence[int]] | np.ndarray | torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    amp_dtype: str | torch.dtype | None = None,
+) -> np.ndarray:
+    """Mean teacher-forced NLL of each suffix [R, m] after one shared prefix [k]. float32 [R].
+
+    The same teacher-forced pass as `extract`, with the prefix computed once: each suffix costs m tokens instead
+    of k + m (exposure ranks a canary's secret among many references after the same prefix). Leaves the model
+    as found.
+    """
+    info = inspect_model(model)
+    p = torch.as_tensor(np.asarray(prefix), dtype=torch.long).reshape(1, -1)
+    sfx = torch.as_tensor(np.asarray(suffixes), dtype=torch.long)
+    if sfx.ndim != 2 or p.shape[1] < 1 or sfx.shape[1] < 1:
+        raise ValueError(
+            f"need a prefix of >= 1 token and suffixes [R, m >= 1]; got {tuple(p.shape)}, {tuple(sfx.shape)}"
+        )
+    k, m, r = p.shape[1], sfx.shape[1], sfx.shape[0]
+    if info.position_limit is not None and k + m > info.position_limit:
+        raise ValueError(
+            f"prefix + suffix = {k + m} tokens exceeds the position limit of {info.position_limit}"
+        )
+    if r == 0:
+        return np.zeros(0, np.float32)
+    amp = resolve_amp_dtype(amp_dtype)
+    compute_dtype = amp or info.param_dtype
+    act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
+    bs = batch_size or _auto_batch_size(info, r, k, m, 0, "exact", act_bytes, None)
+    autocast = (
+        torch.autocast(device_type=info.device.type, dtype=amp)
+        if amp is not None
+        else contextlib.nullcontext()
+    )
+    out = []
+    with preserved_state(model), autocast:
+        logits, cache = _forward(info, 1, input_ids=p.to(info.device), use_cache=True)
+        first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]: predicts every suffix's first token
+        for start in range(0, r, bs):
+            chunk = sfx[start : start + bs].to(info.device)
+            nll = -first[chunk[:, 0]]
+            if m > 1:
+                logits, _ = _forward(
+                    info,
+                    m - 1,
+                    input_ids=chunk[:, :-1],
+                    past_key_values=_repeat_cache(cache, len(chunk)),
+                    use_cache=True,
+                )
+                _ent, _amax, _margin, lse = _stats(logits, host_checks=True)
+                target = logits.gather(-1, chunk[:, 1:].unsqueeze(-1)).squeeze(-1).float()
+                nll = nll + (lse - target).sum(dim=1)
+            out.append((nll / m).cpu())
+    return torch.cat(out).numpy().astype(np.float32)
 
 
 def _assemble(

@@ -391,3 +391,21 @@ def test_statistics_with_masked_vocabulary_entries():
         assert torch.equal(argmax, logits.argmax(-1))
         top2 = logits.topk(2, -1).values
         torch.testing.assert_close(margin, top2[..., 0] - top2[..., 1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_shared_suffix_nll_equals_the_full_teacher_forced_pass(arch):
+    from memwatch.extraction import suffix_nll_after_prefix
+
+    model = trained_model("gpt2", K, M) if arch == "gpt2" else tiny_model(arch)
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(0, VOCAB, (K,), generator=g)
+    suffixes = torch.randint(0, VOCAB, (9, M), generator=g)
+    full = memwatch.extract(
+        model, torch.cat([prefix.expand(9, K), suffixes], 1), prefix_len=K, suffix_len=M, mode="exact"
+    )
+    shared = suffix_nll_after_prefix(model, prefix, suffixes, batch_size=4)
+    np.testing.assert_allclose(shared, full.suffix_nll, atol=1e-4)
+    one = suffix_nll_after_prefix(model, prefix, suffixes[:, :1])
+    logp = torch.log_softmax(model(prefix[None]).logits[0, -1].detach().double(), -1)
+    np.testing.assert_allclose(one, -logp[suffixes[:, 0]].numpy(), atol=1e-5)

@@ -1,0 +1,299 @@
+"""Canaries: exposure against hand-computed values, generation and injection, manifests, pre-flight."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import sysconfig
+
+import numpy as np
+import pytest
+
+import memwatch
+from memwatch.bytetok import ByteTokenizer
+from memwatch.canaries import CanaryError, CanaryManifest, inject, make_canaries, preflight
+from memwatch.metrics import exposure, skewnormal_fit, skewnormal_logcdf
+
+# --- exposure ---------------------------------------------------------------------------------------------------
+
+
+def test_exposure_rank_form_by_hand():
+    refs = np.arange(1.0, 9.0)  # R = 8 references with log-perplexities 1..8
+    assert exposure(4.5, refs) == pytest.approx(3 - math.log2(5))  # 4 beat it: rank 5
+    assert exposure(8.5, refs) == 0.0  # worse than all: rank capped at R
+    assert exposure(1.5, refs) == pytest.approx(3 - math.log2(2))
+    assert math.isnan(exposure(1.0, []))
+    assert memwatch.exposure is exposure
+
+
+def test_exposure_extrapolation_by_hand():
+    """References symmetric about 5 have zero skew: the fit is a normal and exposure = -log2 Phi(z)."""
+    half = np.linspace(0.05, 3.0, 500)
+    refs = np.concatenate([5 - half, 5 + half])
+    mu, sigma = refs.mean(), refs.std()
+    xi, omega, alpha = skewnormal_fit(refs)
+    assert alpha == 0.0 and xi == pytest.approx(mu) and omega == pytest.approx(sigma)
+    # Just past every reference, the fit would say less than the rank bound: the bound stands.
+    assert exposure(0.5, refs) == pytest.approx(math.log2(len(refs)))
+    for secret in (-5.0, -20.0):
+        z = (secret - mu) / sigma
+        expected = -math.log(0.5 * math.erfc(-z / math.sqrt(2))) / math.log(2)
+        assert exposure(secret, refs) == pytest.approx(expected, rel=1e-4)
+        assert exposure(secret, refs) > math.log2(len(refs))
+
+
+def test_skewnormal_tail_against_direct_quadrature():
+    for alpha in (-3.0, -0.5, 0.7, 4.0):
+        for zx in (-3.0, -1.0, 0.5):
+            z = np.linspace(-30, zx, 400001)
+            phi = np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+            cdf_alpha = 0.5 * np.vectorize(math.erfc)(-alpha * z / math.sqrt(2))
+            direct = np.trapezoid(2 * phi * cdf_alpha, z)
+            assert skewnormal_logcdf(zx, 0.0, 1.0, alpha) == pytest.approx(math.log(direct), rel=1e-4)
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE trained here on standard-library text: real merges (digits, words), no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = sysconfig.get_paths()["stdlib"]
+    text = ""
+    for name in ("textwrap.py", "string.py", "calendar.py"):
+        with open(os.path.join(root, name)) as f:
+            text += f.read()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = __import__("tokenizers").decoders.ByteLevel()
+    tok.train_from_iterator(
+        [text], trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("which", ["bytes", "bpe"])
+def test_generation_counts_contexts_and_exact_secret_lengths(which, bpe_tokenizer):
+    tok = ByteTokenizer() if which == "bytes" else bpe_tokenizer
+    man = make_canaries(tok, tiers=(1, 4, 16), per_tier=3, prefix_len=12, secret_len=6, references=20, seed=1)
+    assert len(man.canaries) == 18 and len(man.inserted) == len(man.twins) == 9
+    for tier in (1, 4, 16):
+        assert sum(c.repetitions == tier and c.inserted for c in man.canaries) == 3
+        assert sum(c.repetitions == tier and not c.inserted for c in man.canaries) == 3
+    assert {c.family for c in man.canaries} == {"digits", "password"}
+    windows = set()
+    for c in man.canaries:
+        assert len(c.secret) == 6 and c.secret_start >= 12
+        assert list(tok(c.text, add_special_tokens=False)["input_ids"]) == list(c.tokens)  # round trip
+        windows.add(c.tokens[c.secret_start - 12 : c.secret_start])
+    assert len(windows) == 18  # no two canaries share a context
+    assert set(man.references) == {"digits", "password"}
+    assert (
+        all(len(r) == 6 for refs in man.references.values() for r in refs)
+        and len(man.references["digits"]) == 20
+    )
+    digits = next(c for c in man.canaries if c.family == "digits")
+    assert digits.text[digits.secret_char :].strip().isdigit()
+    again = make_canaries(
+        tok, tiers=(1, 4, 16), per_tier=3, prefix_len=12, secret_len=6, references=20, seed=1
+    )
+    assert again.to_dict() == man.to_dict()
+    other = make_canaries(
+        tok, tiers=(1, 4, 16), per_tier=3, prefix_len=12, secret_len=6, references=20, seed=2
+    )
+    assert [c.tokens for c in other.canaries] != [c.tokens for c in man.canaries]
+
+
+def test_random_token_and_user_text_families():
+    man = make_canaries(
+        None,
+        families=("random_tokens",),
+        vocab_size=100,
+        tiers=(2,),
+        per_tier=2,
+        prefix_len=5,
+        secret_len=4,
+        references=7,
+    )
+    assert all(c.text is None and len(c.tokens) == 9 and max(c.tokens) < 100 for c in man.canaries)
+    assert len(man.references["random_tokens"]) == 7
+    texts = [f"The combination of the office safe, as told to {n}, is {{secret}}." for n in ("Ann", "Bob")]
+    user = make_canaries(
+        ByteTokenizer(), texts=texts, tiers=(3,), per_tier=1, prefix_len=20, secret_len=5, references=3
+    )
+    assert [c.inserted for c in user.canaries] == [True, False]
+    assert user.canaries[0].text.startswith("The combination") and user.canaries[0].text.endswith(".")
+    assert len(user.references["texts"]) == 3
+    plain = make_canaries(
+        ByteTokenizer(), texts=["x" * 30, "y" * 30], tiers=(1,), per_tier=1, prefix_len=10, secret_len=5
+    )
+    assert plain.canaries[0].secret == tuple(b"xxxxx") and "texts" not in plain.references
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tokenizer": None}, "needs a tokenizer"),
+        ({"tiers": (1, 0, 4)}, "positive repetition counts"),
+        ({"tiers": ()}, "positive repetition counts"),
+        ({"tiers": (-2,)}, "positive repetition counts"),
+        ({"families": ("emoji",)}, "families must be chosen from"),
+        ({"families": ("texts",)}, "pass make_canaries"),
+        ({"texts": ["short {secret}", "b {secret}"], "tiers": (1,), "per_tier": 1}, "tokens before {secret}"),
+        ({"texts": ["only one {secret}"], "tiers": (1,), "per_tier": 1}, "texts are needed"),
+        (
+            {
+                "texts": [f"{n} wrote: the office safe code is {{secret}}" for n in "AB"],
+                "tiers": (1,),
+                "per_tier": 1,
+            },
+            "contexts are not distinct",
+        ),
+        ({"families": ("random_tokens",), "tokenizer": None}, "vocab_size"),
+    ],
+)
+def test_bad_generation_input(kwargs, message):
+    args = {"tokenizer": ByteTokenizer(), "prefix_len": 16, "secret_len": 4, **kwargs}
+    tok = args.pop("tokenizer")
+    with pytest.raises(CanaryError, match=message):
+        make_canaries(tok, **args)
+
+
+# --- injection ----------------------------------------------------------------------------------------------------
+
+
+def _manifest(**kw):
+    return make_canaries(
+        ByteTokenizer(), tiers=(1, 3), per_tier=1, prefix_len=16, secret_len=4, references=5, **kw
+    )
+
+
+def _check_injected(rows, man, new, as_text):
+    assert len(new) == len(rows) + 4  # 1 + 3 copies of the inserted canaries, twins never
+    pos = man.injection["positions"]
+    assert sorted(len(v) for v in pos.values()) == [1, 3]
+    for cid, positions in pos.items():
+        c = man.by_id(cid)
+        for p in positions:
+            got = as_text(new[p])
+            assert c.secret in [tuple(got[i : i + 4]) for i in range(len(got))]
+    twin_secrets = [c.secret for c in man.twins]
+    for row in new:
+        got = as_text(row)
+        assert not any(tuple(got[i : i + 4]) in twin_secrets for i in range(len(got)))
+
+
+def test_inject_into_texts_dicts_and_token_rows():
+    man = _manifest()
+    enc = lambda t: list(t.encode())  # noqa: E731
+    texts = [f"line {i} of ordinary training text" for i in range(40)]
+    new, m1 = inject(texts, man)
+    assert texts[0] == "line 0 of ordinary training text" and len(texts) == 40  # input untouched
+    _check_injected(texts, m1, new, enc)
+    assert [t for t in new if t in texts] == texts  # original order kept
+
+    dicts = [{"text": t} for t in texts]
+    new, m2 = inject(dicts, man)
+    _check_injected(dicts, m2, new, lambda r: enc(r["text"]))
+
+    rows = [{"input_ids": list(range(i, i + 30)), "labels": list(range(i, i + 30))} for i in range(40)]
+    new, m3 = inject(rows, man)
+    _check_injected(rows, m3, new, lambda r: r["input_ids"])
+    canary_rows = [new[p] for v in m3.injection["positions"].values() for p in v]
+    assert all(
+        len(r["input_ids"]) == 30 and r["labels"] == r["input_ids"] for r in canary_rows
+    )  # fixed length kept
+    c = m3.inserted[0]
+    assert tuple(new[m3.injection["positions"][c.id][0]]["input_ids"][:20]) == c.tokens[c.secret_start - 16 :]
+    again, _ = inject(rows, man)
+    assert again == new  # deterministic
+
+
+def test_inject_into_hf_datasets():
+    datasets = pytest.importorskip("datasets")
+    man = _manifest()
+    texts = [f"row {i}" for i in range(30)]
+    ds = datasets.Dataset.from_dict({"text": texts, "source": ["web"] * 30})
+    new, m = inject(ds, man)
+    assert isinstance(new, datasets.Dataset) and len(new) == 34 and new.column_names == ["text", "source"]
+    _check_injected(texts, m, list(new), lambda r: list(r["text"].encode()))
+    tok = datasets.Dataset.from_dict({"input_ids": [list(range(20))] * 10})
+    new_tok, m_tok = inject(tok, man)
+    assert len(new_tok) == 14 and m_tok.injection["kind"] == "tokens"
+
+
+def test_inject_rejects_what_it_cannot_handle_before_writing_anything():
+    import torch
+
+    man = _manifest()
+    for bad, message in [
+        ({"text": "a dict"}, "got dict"),
+        (torch.utils.data.TensorDataset(torch.zeros(3)), "got TensorDataset"),
+        ([1, 2, 3], "not all texts"),
+        ([{"content": "x"}], "not all texts"),
+    ]:
+        with pytest.raises(CanaryError, match=message):
+            inject(bad, man)
+    tokens_only = make_canaries(
+        None, families=("random_tokens",), vocab_size=50, tiers=(1,), per_tier=1, prefix_len=4, secret_len=2
+    )
+    with pytest.raises(CanaryError, match="only go into tokenized datasets"):
+        inject(["text"], tokens_only)
+
+
+def test_manifest_saved_private_and_loaded(tmp_path):
+    _, man = inject([f"t{i}" for i in range(10)], _manifest())
+    path = man.save(tmp_path / "sub" / "canaries.json")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = CanaryManifest.load(path)
+    assert loaded.to_dict() == man.to_dict()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(CanaryError, match="not a memwatch canary manifest"):
+        CanaryManifest.load(tmp_path / "bad.json")
+
+
+# --- pre-flight ---------------------------------------------------------------------------------------------------
+
+
+def _token_dataset(man, n=30, length=40):
+    rows = [{"input_ids": [(7 * i + j) % 200 for j in range(length)]} for i in range(n)]
+    return inject(rows, man)
+
+
+def test_preflight_finds_canaries_as_trained_and_reports_problems():
+    man = _manifest()
+    data, man2 = _token_dataset(man)
+    report = preflight(man2, data, prefix_len=16, suffix_len=4)
+    assert report.found == {c.id: c.repetitions for c in man2.inserted}
+    for c in man2.inserted:
+        assert report.windows[c.id] == c.tokens[c.secret_start - 16 :]
+    # Transformed data (rows shuffled): the scan still finds them.
+    shuffled = list(reversed(data))
+    assert preflight(man2, shuffled, prefix_len=16, suffix_len=4).found == report.found
+    with pytest.raises(CanaryError, match="is not in the training dataset"):
+        preflight(man2, [{"input_ids": list(range(40))}] * 5, prefix_len=16, suffix_len=4)
+
+    def masking_collator(batch):
+        import torch
+
+        ids = torch.tensor([b["input_ids"] for b in batch])
+        labels = ids.clone()
+        labels[:, :30] = -100
+        return {"input_ids": ids, "labels": labels}
+
+    with pytest.raises(CanaryError, match="receives no loss"):
+        preflight(man2, data, prefix_len=16, suffix_len=4, collator=masking_collator)
+    # Rows whose beginning was cut off (as packing or truncation may do) leave too little context.
+    long_ctx = make_canaries(
+        ByteTokenizer(), tiers=(2,), per_tier=1, prefix_len=24, secret_len=4, references=3
+    )
+    rows, long_ctx = inject([{"input_ids": list(range(40))} for _ in range(10)], long_ctx)
+    cut = [{"input_ids": r["input_ids"][10:]} for r in rows]
+    with pytest.raises(CanaryError, match="fewer than prefix_len=16 tokens before its secret"):
+        preflight(long_ctx, cut, prefix_len=16, suffix_len=4)
+    with pytest.raises(CanaryError, match="suffix_len is 8"):
+        preflight(man2, data, prefix_len=16, suffix_len=8)
