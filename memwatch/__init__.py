@@ -12,6 +12,7 @@ _LAZY = {
     "extract": "memwatch.extraction",
     "ExtractionResult": "memwatch.extraction",
     "MonitorConfig": "memwatch.config",
+    "AlertConfig": "memwatch.config",
     "Monitor": "memwatch.monitor",
     "Probe": "memwatch.probes",
     "MemWatchCallback": "memwatch.integrations.hf",
@@ -23,6 +24,7 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import History as History
+    from .config import AlertConfig as AlertConfig
     from .config import MonitorConfig as MonitorConfig
     from .extraction import ExtractionResult as ExtractionResult
     from .extraction import extract as extract

@@ -1,11 +1,15 @@
-"""Frozen, validated configuration: MonitorConfig (and its defaults, each with a reason)."""
+"""Frozen, validated configuration: MonitorConfig and AlertConfig, each default with its reason."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ConfigError", "MonitorConfig"]
+__all__ = ["ACTIONS", "RULES", "AlertConfig", "ConfigError", "MonitorConfig"]
+
+RULES = ("canary_extracted", "extraction_rate", "spike", "leak", "exposure")
+ACTIONS = ("save_checkpoint", "stop_training")
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,86 @@ def _check_str(name: str, value: Any, *, optional: bool = True) -> None:
     raise ConfigError(
         f"MonitorConfig.{name} must be a non-empty string{' or None' if optional else ''}; got {value!r}"
     )
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    """Which memorization events raise an alert, where alerts go, and what they make the trainer do."""
+
+    enabled: bool = True
+    # --- rules ---
+    canary_extracted: bool = True  # an inserted canary becomes extractable: the unambiguous signal
+    extraction_rate: Mapping[str, float] = field(default_factory=lambda: {"train": 0.10})  # group -> rate
+    spike: bool = True  # extraction rate or newly memorized count jumps above its own recent baseline
+    spike_z: float = 3.0  # standard deviations above the EMA baseline
+    spike_min_evals: int = 5  # evaluations of history before a spike may fire (a baseline needs data)
+    spike_min_rate: float = 0.02  # and the rate must exceed its baseline by at least this much...
+    spike_min_count: int = 3  # ...or the newly memorized count by at least this many probes
+    leak: bool = True  # a held-out probe or a twin becomes extractable: leak, duplicates, or a fault
+    leak_groups: tuple[str, ...] = ("heldout", "canary_heldout")
+    exposure_bits: float | None = 8.0  # canary exposure early warning (top ~0.4% of its reference secrets)
+    cooldown: int = 3  # evaluations before the same rule may fire again for the same group or probe
+    hysteresis: float = 0.2  # a threshold re-arms once the value falls this fraction below it
+    actions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rule -> ("save_checkpoint", ...)
+    # --- sinks (console, logging, the history and TensorBoard follow MonitorConfig's own switches) ---
+    jsonl: bool = True  # <output_dir>/alerts.jsonl, mode 0600
+    webhook_url: str | None = None  # HTTP POST of JSON (Slack-style {"text": ...}); no connection without it
+    webhook_timeout: float = (
+        3.0  # seconds per attempt; sent from a background thread, never blocking training
+    )
+    webhook_retries: int = 2  # further attempts after a failure (bounded)
+    on_alert: Callable[[Any], Any] | None = None  # your function, called with each Alert
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "canary_extracted", "spike", "leak", "jsonl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"AlertConfig.{name} must be True or False; got {getattr(self, name)!r}")
+        if not isinstance(self.extraction_rate, Mapping) or not all(
+            isinstance(g, str) and isinstance(v, int | float) and 0 < v <= 1
+            for g, v in self.extraction_rate.items()
+        ):
+            raise ConfigError(
+                "AlertConfig.extraction_rate must map group names to rates in (0, 1], e.g. {'train': 0.1}; "
+                f"got {self.extraction_rate!r}"
+            )
+        for name, low in (
+            ("spike_z", 0.0),
+            ("spike_min_rate", 0.0),
+            ("hysteresis", 0.0),
+            ("webhook_timeout", 0.0),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"AlertConfig.{name} must be a number >= {low}; got {value!r}")
+        if self.hysteresis >= 1:
+            raise ConfigError(f"AlertConfig.hysteresis must be below 1; got {self.hysteresis!r}")
+        for name in ("spike_min_evals", "spike_min_count", "cooldown", "webhook_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"AlertConfig.{name} must be an integer >= 0; got {value!r}")
+        if self.exposure_bits is not None and (
+            not isinstance(self.exposure_bits, int | float) or self.exposure_bits <= 0
+        ):
+            raise ConfigError(
+                f"AlertConfig.exposure_bits must be a positive number of bits or None; got {self.exposure_bits!r}"
+            )
+        if not isinstance(self.leak_groups, tuple) or not all(isinstance(g, str) for g in self.leak_groups):
+            raise ConfigError(
+                f"AlertConfig.leak_groups must be a tuple of group names; got {self.leak_groups!r}"
+            )
+        for rule, acts in self.actions.items():
+            if rule not in RULES:
+                raise ConfigError(f"AlertConfig.actions: unknown rule {rule!r}; rules are {RULES}")
+            if isinstance(acts, str) or not all(a in ACTIONS for a in acts):
+                raise ConfigError(f"AlertConfig.actions[{rule!r}] must be a tuple of {ACTIONS}; got {acts!r}")
+        if self.webhook_url is not None and not (
+            isinstance(self.webhook_url, str) and self.webhook_url.startswith(("http://", "https://"))
+        ):
+            raise ConfigError(
+                f"AlertConfig.webhook_url must be an http:// or https:// URL; got {self.webhook_url!r}"
+            )
+        if self.on_alert is not None and not callable(self.on_alert):
+            raise ConfigError("AlertConfig.on_alert must be callable")
 
 
 @dataclass(frozen=True)
@@ -94,11 +178,23 @@ class MonitorConfig:
     console: bool = True  # a compact table after each evaluation (rank 0)
     reveal_text: bool = False  # secrets and training text never leave memwatch unless asked (DESIGN.md §5)
     run_name: str | None = None  # default: the trainer's run name or a timestamp
+    strict: bool = False  # re-raise memwatch's own errors (for your CI); by default they never stop training
+    max_failures: int = 3  # failed evaluations in a row before memwatch switches itself off (with a warning)
+    alerts: AlertConfig = field(default_factory=AlertConfig)  # memorization alerts (see memwatch.alerts)
 
     def __post_init__(self) -> None:
         _check_int("every_n_steps", self.every_n_steps, 1, optional=True)
         _check_fraction("max_overhead", self.max_overhead)
-        for name in ("eval_on_start", "eval_on_end", "history", "tensorboard", "console", "reveal_text"):
+        _check_int("max_failures", self.max_failures, 1)
+        for name in (
+            "eval_on_start",
+            "eval_on_end",
+            "history",
+            "tensorboard",
+            "console",
+            "reveal_text",
+            "strict",
+        ):
             _check_bool(name, getattr(self, name))
         _check_int("prefix_len", self.prefix_len, 1)
         _check_int("suffix_len", self.suffix_len, 1)
@@ -128,6 +224,10 @@ class MonitorConfig:
             raise ConfigError(f"MonitorConfig.window must be 'first' or 'random'; got {self.window!r}")
         for name in ("output_dir", "history_path", "tensorboard_dir", "run_name"):
             _check_str(name, getattr(self, name))
+        if not isinstance(self.alerts, AlertConfig):
+            raise ConfigError(
+                f"MonitorConfig.alerts must be a memwatch.AlertConfig; got {type(self.alerts).__name__}"
+            )
 
     def spec(self) -> dict[str, Any]:
         """The extraction spec recorded with every evaluation."""
@@ -139,4 +239,18 @@ class MonitorConfig:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """JSON-friendly: nested configs as dicts, callables by name."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, AlertConfig):
+                out = {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+                if value.webhook_url:  # webhook URLs carry their own secret token: never stored
+                    out["webhook_url"] = "<set>"
+                return out
+            if callable(value):
+                return getattr(value, "__qualname__", repr(value))
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}

@@ -100,5 +100,13 @@ class ConsoleReporter:
         if record.tiers:
             self.console.print(tier_table(record.tiers))
 
+    def alert(self, alert: Any) -> None:
+        from rich.panel import Panel
+
+        action = f"\n[bold]action:[/] {alert.action}" if alert.action else ""
+        self.console.print(
+            Panel(f"{alert.message}{action}", title=f"memwatch alert · {alert.rule}", border_style="red")
+        )
+
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)

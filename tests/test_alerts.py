@@ -1,0 +1,320 @@
+"""Alert rules on synthetic histories, the webhook against a real HTTP server, actions and redaction."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from memwatch import AlertConfig, MonitorConfig
+from memwatch.alerts import AlertEngine, WebhookSink
+from memwatch.config import ConfigError
+from memwatch.evaluation import ProbeTracker, build_record
+from memwatch.extraction import ExtractionResult
+
+M = 4
+
+
+class Sim:
+    """A synthetic run: groups and metas fixed, each evaluation given as exact flags / match ratios / exposure."""
+
+    def __init__(self, groups, metas=None):
+        self.groups = np.array(groups, dtype=object)
+        self.metas = metas or [{} for _ in groups]
+        self.ids = [f"p{i}" for i in range(len(groups))]
+        self.tracker = ProbeTracker(len(groups))
+        self.step = 0
+
+    def record(self, exact, ratio=None, exposure=None):
+        exact = np.asarray(exact, dtype=bool)
+        n = len(exact)
+        ratio = np.where(exact, 1.0, 0.0 if ratio is None else ratio).astype(np.float32)
+        res = ExtractionResult(
+            prefix_len=4,
+            suffix_len=M,
+            entropy_window=2,
+            mode="full",
+            generated=np.zeros((n, M), np.int64),
+            exact=exact,
+            match_ratio=ratio,
+            prefix_match_len=(ratio * M).astype(np.int64),
+            edit_similarity=ratio,
+            entropy=np.ones((n, 2 + M), np.float32),
+            suffix_nll=np.ones(n, np.float32),
+            near_tie=np.zeros(n, bool),
+        )
+        self.step += 10
+        return build_record(
+            step=self.step,
+            wall_time=0.0,
+            duration=0.0,
+            spec={},
+            probe_ids=self.ids,
+            groups=self.groups,
+            metas=self.metas,
+            result=res,
+            tracker=self.tracker,
+            exposure=None if exposure is None else np.asarray(exposure, dtype=float),
+        )
+
+
+def run(engine, sim, evaluations):
+    """Feed evaluations; return the list of rules fired at each one."""
+    return [[a.rule for a in engine.evaluate(sim.record(**e))] for e in evaluations]
+
+
+def test_canary_extracted_fires_once_and_respects_cooldown():
+    groups = ["canary", "canary", "train"]
+    metas = [
+        {"canary_id": "cn-a", "repetitions": 64, "family": "digits"},
+        {"canary_id": "cn-b", "repetitions": 1},
+        {},
+    ]
+    only = AlertConfig(extraction_rate={}, spike=False, leak=False, exposure_bits=None, cooldown=3)
+    engine = AlertEngine(only)
+    sim = Sim(groups, metas)
+    seq = [[0, 0, 1], [0, 0, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1], [1, 0, 1]]
+    fired = []
+    for exact in seq:
+        alerts = engine.evaluate(sim.record(exact=exact))
+        fired.append(alerts)
+    assert [len(a) for a in fired] == [
+        0,
+        0,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+    ]  # eval 6 re-extracted within cooldown: quiet
+    first = fired[2][0]
+    assert first.rule == "canary_extracted" and first.probe_ids == ["p0"] and first.group == "canary"
+    assert "cn-a (64x, digits)" in first.message and first.step == 30 and first.data["tiers"] == [64]
+    no_cooldown = AlertEngine(
+        AlertConfig(extraction_rate={}, spike=False, leak=False, exposure_bits=None, cooldown=0)
+    )
+    assert [len(x) for x in run(no_cooldown, Sim(groups, metas), [{"exact": e} for e in seq])] == [
+        0,
+        0,
+        1,
+        0,
+        0,
+        1,
+        0,
+        0,
+        1,
+    ]
+
+
+def test_leak_rule_ignores_the_baseline_and_catches_heldout_and_twins():
+    engine = AlertEngine(
+        AlertConfig(extraction_rate={}, spike=False, canary_extracted=False, exposure_bits=None)
+    )
+    sim = Sim(
+        ["heldout", "heldout", "canary_heldout", "train"],
+        [{}, {}, {"canary_id": "cn-t", "repetitions": 4}, {}],
+    )
+    assert run(engine, sim, [{"exact": [1, 0, 0, 1]}, {"exact": [1, 0, 0, 1]}]) == [
+        [],
+        [],
+    ]  # known before training
+    alerts = engine.evaluate(sim.record(exact=[1, 1, 1, 1]))
+    assert [(a.rule, a.group, a.probe_ids) for a in alerts] == [
+        ("leak", "heldout", ["p1"]),
+        ("leak", "canary_heldout", ["p2"]),
+    ]
+    assert "never-inserted twin" in alerts[1].message and "measurement fault" in alerts[0].message
+
+
+def test_extraction_rate_threshold_with_hysteresis():
+    cfg = AlertConfig(
+        extraction_rate={"train": 0.5},
+        spike=False,
+        leak=False,
+        canary_extracted=False,
+        exposure_bits=None,
+        cooldown=0,
+        hysteresis=0.2,
+    )
+    engine = AlertEngine(cfg)
+    sim = Sim(["train"] * 10)
+    rates = [0.3, 0.5, 0.6, 0.45, 0.6, 0.3, 0.7]  # re-arms below 0.4 only
+    fired = run(engine, sim, [{"exact": [i < int(r * 10) for i in range(10)]} for r in rates])
+    assert fired == [[], ["extraction_rate"], [], [], [], [], ["extraction_rate"]]
+
+
+def test_spike_needs_a_baseline_and_a_real_jump():
+    cfg = AlertConfig(
+        extraction_rate={},
+        leak=False,
+        canary_extracted=False,
+        exposure_bits=None,
+        spike_min_evals=4,
+        spike_min_rate=0.05,
+        spike_min_count=3,
+        cooldown=1,
+    )
+    engine = AlertEngine(cfg)
+    sim = Sim(["train"] * 100)
+    base = [0.10, 0.11, 0.10, 0.12]
+    fired = run(engine, sim, [{"exact": [i < int(r * 100) for i in range(100)]} for r in [*base, 0.13, 0.40]])
+    assert fired[:5] == [[], [], [], [], []]  # too early, then too small a jump
+    assert "spike" in fired[5]
+    alert = [a for a in engine.evaluate(sim.record(exact=[i < 90 for i in range(100)])) if a.rule == "spike"]
+    assert alert == []  # cooldown of 1 evaluation holds
+    early = AlertEngine(cfg)
+    assert run(early, Sim(["train"] * 100), [{"exact": [i < r for i in range(100)]} for r in (5, 60)]) == [
+        [],
+        [],
+    ]
+
+
+def test_spike_in_newly_memorized_counts():
+    cfg = AlertConfig(
+        extraction_rate={},
+        leak=False,
+        canary_extracted=False,
+        exposure_bits=None,
+        spike_min_evals=3,
+        spike_min_rate=1.0,
+        spike_min_count=5,
+    )
+    engine = AlertEngine(cfg)
+    sim = Sim(["train"] * 60)
+    exact = np.zeros(60, bool)
+    fired = []
+    for n_new in (1, 1, 2, 1, 20):
+        start = int(exact.sum())
+        exact[start : start + n_new] = True
+        alerts = engine.evaluate(sim.record(exact=exact.copy()))
+        fired.append([a.data.get("metric") for a in alerts])
+    assert fired[:4] == [[], [], [], []] and fired[4] == ["newly_memorized"]
+
+
+def test_exposure_early_warning_with_hysteresis():
+    cfg = AlertConfig(
+        extraction_rate={},
+        spike=False,
+        leak=False,
+        canary_extracted=False,
+        exposure_bits=8.0,
+        cooldown=0,
+        hysteresis=0.2,
+    )
+    engine = AlertEngine(cfg)
+    sim = Sim(["canary", "canary_heldout"], [{"canary_id": "cn-x", "repetitions": 16}, {"canary_id": "cn-y"}])
+    values = [5, 9, 9.5, 7, 9, 5, 9]  # re-arms below 6.4
+    fired = run(engine, sim, [{"exact": [0, 0], "exposure": [v, 20]} for v in values])
+    assert fired == [[], ["exposure"], [], [], [], [], ["exposure"]]  # the twin's exposure never alerts
+
+
+def test_disabled_and_actions():
+    sim = Sim(["canary"], [{"canary_id": "cn-a", "repetitions": 1}])
+    assert AlertEngine(AlertConfig(enabled=False)).evaluate(sim.record(exact=[1])) == []
+    engine = AlertEngine(AlertConfig(actions={"canary_extracted": ("save_checkpoint", "stop_training")}))
+    (alert,) = [
+        a
+        for a in engine.evaluate(Sim(["canary"], [{"canary_id": "c"}]).record(exact=[1]))
+        if a.rule == "canary_extracted"
+    ]
+    assert alert.action == "save_checkpoint,stop_training"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"extraction_rate": {"train": 2}}, "extraction_rate must map group names to rates"),
+        ({"actions": {"canary": ("stop_training",)}}, "unknown rule 'canary'"),
+        ({"actions": {"spike": "stop_training"}}, "must be a tuple of"),
+        ({"webhook_url": "ftp://x"}, "http:// or https:// URL"),
+        ({"hysteresis": 1.5}, "hysteresis must be below 1"),
+        ({"exposure_bits": 0}, "positive number of bits or None"),
+        ({"on_alert": 3}, "must be callable"),
+        ({"cooldown": -1}, "integer >= 0"),
+    ],
+)
+def test_alert_config_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        AlertConfig(**kwargs)
+    with pytest.raises(ConfigError, match=r"memwatch\.AlertConfig"):
+        MonitorConfig(alerts={"enabled": True})
+
+
+def test_webhook_url_is_never_stored():
+    cfg = MonitorConfig(alerts=AlertConfig(webhook_url="https://hooks.example/T000/SECRET"))
+    assert "SECRET" not in json.dumps(cfg.to_dict())
+
+
+# --- webhook against a real HTTP server -----------------------------------------------------------------------
+
+
+class _Server:
+    """A real HTTP server on 127.0.0.1 that records POSTed JSON; `hang` seconds of silence before answering."""
+
+    def __init__(self, hang: float = 0.0):
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.bodies.append({"json": json.loads(body), "content_type": self.headers["Content-Type"]})
+                if hang:
+                    time.sleep(hang)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_webhook_posts_slack_style_json():
+    from memwatch.alerts import Alert
+
+    server = _Server()
+    try:
+        sink = WebhookSink(server.url, timeout=2, retries=0, run_name="r1")
+        sink(
+            Alert(120, "canary_extracted", "canary", ["p0"], "step 120: 1 inserted canary became extractable")
+        )
+        sink.close(5)
+        assert sink.sent == 1 and sink.failures == 0
+        (got,) = server.bodies
+        assert got["content_type"] == "application/json"
+        body = got["json"]
+        assert body["text"].startswith("memwatch: step 120") and body["run"] == "r1"
+        assert body["alert"]["rule"] == "canary_extracted" and body["alert"]["probe_ids"] == ["p0"]
+    finally:
+        server.close()
+
+
+def test_hanging_webhook_never_blocks():
+    from memwatch.alerts import Alert
+
+    server = _Server(hang=30)
+    try:
+        sink = WebhookSink(server.url, timeout=0.3, retries=1)
+        t0 = time.perf_counter()
+        sink(Alert(1, "spike", "train", [], "m"))
+        assert time.perf_counter() - t0 < 0.2  # emitting returns at once
+        sink.close(grace=5)
+        assert time.perf_counter() - t0 < 3  # two attempts of 0.3 s and a short back-off, then it gives up
+        assert sink.failures == 1 and sink.sent == 0 and len(server.bodies) == 2
+    finally:
+        server.close()
