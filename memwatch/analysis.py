@@ -351,6 +351,10 @@ def report_dict(history: History) -> dict[str, Any]:
         "transitions": [],
         "probes": [],
         "canaries": {"tiers": []},
+        "alerts": [
+            {k: a[k] for k in ("run_id", "step", "rule", "group", "probe_ids", "message", "action")}
+            for a in history.store.alerts()
+        ],
     }
     for r in runs:
         out["canaries"]["tiers"].extend({"run_id": r.run_id, **row} for row in r.tiers())

@@ -1,4 +1,4 @@
-"""The `memwatch` command line: demo, report, ... (argparse + rich; torch is imported only by the commands)."""
+"""The `memwatch` command line: demo, scan, report, compare, export-tb (argparse; heavy imports only on use)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,25 +18,151 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .scan import scan
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        ckpt_task = progress.add_task("checkpoints", total=None)
+        batch_task = progress.add_task("probes", total=None)
+
+        def on_checkpoint(ckpt, what):
+            if progress.tasks[ckpt_task].total is None:
+                progress.update(ckpt_task, total=args._n_ckpts)
+            if what == "start":
+                progress.update(batch_task, completed=0, total=None, description=f"step {ckpt.step}: probes")
+            else:
+                progress.advance(ckpt_task)
+                if what == "skip":
+                    progress.console.print(f"step {ckpt.step}: already in the history, skipped")
+
+        def on_batch(done, total):
+            progress.update(batch_task, completed=done, total=total)
+
+        from .scan import find_checkpoints
+
+        args._n_ckpts = len(
+            find_checkpoints(args.sources, args.revisions.split(",") if args.revisions else None)
+        )
+        summary = scan(
+            args.sources,
+            history=args.history,
+            probes=args.probes,
+            sample_from=args.sample_from,
+            samples=args.samples,
+            revisions=args.revisions.split(",") if args.revisions else None,
+            run_name=args.run_name,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            prefix_len=args.prefix_len,
+            suffix_len=args.suffix_len,
+            entropy_window=args.entropy_window,
+            mode=args.mode,
+            exposure_references=args.exposure_references,
+            seed=args.seed,
+            on_checkpoint=on_checkpoint,
+            on_batch=on_batch,
+        )
+    console.print(
+        f"scanned {len(summary['scanned'])} checkpoint(s), skipped {len(summary['skipped'])} already recorded; "
+        f"{summary['probes']} probes -> {summary['history']} (run {summary['run']!r})"
+    )
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import json
 
     from .analysis import History, report_dict
 
     with History(args.path) as history:
-        report = report_dict(history)
-    if args.format == "json":
-        json.dump(report, sys.stdout, indent=1, allow_nan=False, default=str)
-        sys.stdout.write("\n")
+        if args.format == "json":
+            text = json.dumps(report_dict(history), indent=1, allow_nan=False, default=str) + "\n"
+        elif args.format == "csv":
+            from .report import render_csv
+
+            text = render_csv(history)
+        elif args.format == "html":
+            from .report import render_html
+
+            text = render_html(history, from_step=args.from_step, to_step=args.to_step)
+        elif args.format == "pythia-csv":
+            from .report import write_pythia_csv
+
+            if not args.out:
+                raise _Usage("--format pythia-csv writes one file per checkpoint: give --out DIR")
+            paths = write_pythia_csv(history, args.out)
+            print(f"wrote {len(paths)} file(s) to {args.out}")
+            return 0
+        else:
+            from .report import render_text
+
+            text = render_text(history, from_step=args.from_step, to_step=args.to_step)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .analysis import History
+    from .report import compare_dict, render_compare
+
+    def load(spec: str):
+        path, _, run = spec.partition("::")
+        with History(path) as h:
+            return h.run(int(run) if run.isdigit() else (run or None))
+
+    d = compare_dict(load(args.a), load(args.b))
+    sys.stdout.write(
+        json.dumps(d, indent=1, default=str) + "\n" if args.format == "json" else render_compare(d)
+    )
+    return 0
+
+
+def _export_tb(args: argparse.Namespace) -> int:
+    from .analysis import History
+    from .reporters.tensorboard import export_history
+
+    with History(args.path) as history:
+        paths = export_history(history, args.out)
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"tensorboard --logdir {args.out}")
+    return 0
+
+
+class _Usage(Exception):
+    """A command-line mistake the parser could not see."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="memwatch",
-        description="Training-time memorization monitor for language models.",
+        prog="memwatch", description="Training-time memorization monitor for language models."
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"memwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     demo = sub.add_parser(
         "demo", help="train a tiny GPT-2 on Python's standard library with canaries, watched live"
     )
@@ -49,14 +175,75 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-live", action="store_true", help="print tables instead of a live display")
     demo.set_defaults(func=_demo)
 
+    scan = sub.add_parser(
+        "scan",
+        help="evaluate saved checkpoints into a history (resumable)",
+        description="Evaluate a series of checkpoints with the live monitor's engine and history format. "
+        "Checkpoints already in the history are skipped.",
+    )
+    scan.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a Trainer output directory (its checkpoint-* folders), model directories, or one model id "
+        "with --revisions",
+    )
+    scan.add_argument("--history", required=True, help="the history file to write (created or continued)")
+    scan.add_argument(
+        "--probes",
+        help="probes: a history (reuses a run's panel), a canary manifest, or JSONL lines "
+        '{"text": ...} / {"input_ids": [...]} with optional "group" and "id"',
+    )
+    scan.add_argument("--sample-from", help="sample training windows from a dataset file (.jsonl or text)")
+    scan.add_argument(
+        "--samples", type=int, default=512, help="windows to sample with --sample-from (default: 512)"
+    )
+    scan.add_argument("--revisions", help="comma-separated revisions of one model id, e.g. step1000,step2000")
+    scan.add_argument("--run-name", help="the run's name in the history (default: the first source's name)")
+    scan.add_argument("--tokenizer", help="tokenizer for text probes (default: the first checkpoint's)")
+    scan.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    scan.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    scan.add_argument("--batch-size", type=int, help="rows per forward (default: from a memory budget)")
+    scan.add_argument("--prefix-len", type=int, default=32)
+    scan.add_argument("--suffix-len", type=int, default=32)
+    scan.add_argument("--entropy-window", type=int)
+    scan.add_argument("--mode", default="full", choices=["full", "exact"])
+    scan.add_argument("--exposure-references", type=int, default=1000)
+    scan.add_argument("--seed", type=int, default=0)
+    scan.set_defaults(func=_scan)
+
     report = sub.add_parser(
-        "report", help="summarize a history: groups over steps, transitions, probe timelines"
+        "report", help="summarize a history: groups over steps, transitions, timelines, canaries"
     )
     report.add_argument(
         "path", help="a history.sqlite file, or a training output directory holding memwatch/"
     )
-    report.add_argument("--format", choices=["json"], default="json", help="output format (default: json)")
+    report.add_argument(
+        "--format",
+        choices=["text", "json", "csv", "html", "pythia-csv"],
+        default="text",
+        help="text (default), json, csv (per probe and step), html (one self-contained file), "
+        "pythia-csv (index,score per checkpoint; needs --out DIR)",
+    )
+    report.add_argument("--from-step", type=int, help="transition matrix from this step (default: the first)")
+    report.add_argument("--to-step", type=int, help="... to this step (default: the last)")
+    report.add_argument(
+        "--out", help="write to this file (a directory for pythia-csv) instead of standard output"
+    )
     report.set_defaults(func=_report)
+
+    compare = sub.add_parser("compare", help="two runs or histories side by side (e.g. deduplicated vs not)")
+    compare.add_argument("a", help="a history or output directory, optionally PATH::RUN (name or id)")
+    compare.add_argument("b", help="the other one")
+    compare.add_argument("--format", choices=["text", "json"], default="text")
+    compare.set_defaults(func=_compare)
+
+    export = sub.add_parser(
+        "export-tb", help="write a history as TensorBoard event files (the live monitor's tags)"
+    )
+    export.add_argument("path", help="a history file or output directory")
+    export.add_argument("--out", required=True, help="TensorBoard log directory to write")
+    export.set_defaults(func=_export_tb)
     return parser
 
 
@@ -68,9 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from .history import HistoryError
 
+    errors: tuple[type[BaseException], ...] = (
+        HistoryError,
+        _Usage,
+        FileNotFoundError,
+        IsADirectoryError,
+        PermissionError,
+    )
     try:
+        from .scan import ScanError
+
+        errors += (ScanError,)
         return int(args.func(args) or 0)
-    except HistoryError as exc:
+    except errors as exc:
+        print(f"memwatch {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. a step the run does not have
         print(f"memwatch {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

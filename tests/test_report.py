@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,7 +91,7 @@ def test_report_accepts_an_output_directory_and_fails_clearly(tmp_path):
     (tmp_path / "out" / "memwatch").mkdir(parents=True)
     build_known_history(tmp_path / "out" / "memwatch" / "history.sqlite")
     ok = subprocess.run(
-        [sys.executable, "-m", "memwatch.cli", "report", str(tmp_path / "out")],
+        [sys.executable, "-m", "memwatch.cli", "report", str(tmp_path / "out"), "--format", "json"],
         capture_output=True,
         text=True,
     )
@@ -114,3 +115,137 @@ def test_help_does_not_import_torch():
     code = "import sys; from memwatch.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False")
+
+
+def test_text_report_values(tmp_path, capsys):
+    path = tmp_path / "h.sqlite"
+    build_known_history(path)
+    assert main(["report", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "run 1: known (live, 3 evaluations, 4 probes)" in text
+    # groups over steps: train at step 10 has 1 of 2 extracted, mean match 0.875
+    assert any(line.split()[:6] == ["10", "train", "2", "1", "50.0%", "0.875"] for line in text.splitlines())
+    # the transition matrix from the first to the last step, for train: a 0-20 -> 40-60, b 20-40 -> exact
+    assert "train: buckets at step 0 (rows) -> step 20 (columns)" in text
+    # timelines: a first memorized at 10, forgotten at 20
+    assert any(line.split()[:5] == ["a", "train", "10", "20", "-"] for line in text.splitlines())
+    assert "entropy across the boundary" in text and "|" in text
+    assert main(["report", str(path), "--from-step", "10", "--to-step", "20"]) == 0
+    assert "train: buckets at step 10 (rows) -> step 20 (columns)" in capsys.readouterr().out
+    assert main(["report", str(path), "--from-step", "7"]) == 2
+    assert "no evaluation at step 7" in capsys.readouterr().err
+
+
+def test_csv_and_pythia_csv(tmp_path, capsys):
+    import csv
+    import io
+
+    path = tmp_path / "h.sqlite"
+    build_known_history(path)
+    assert main(["report", str(path), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 12
+    row = next(r for r in rows if r["step"] == "10" and r["probe_id"] == "b")
+    assert (row["group"], row["exact"], float(row["match_ratio"]), row["exposure"]) == (
+        "train",
+        "0",
+        0.75,
+        "",
+    )
+    out = tmp_path / "pythia"
+    assert main(["report", str(path), "--format", "pythia-csv", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["known-step0.csv", "known-step10.csv", "known-step20.csv"]
+    lines = (out / "known-step10.csv").read_text().splitlines()
+    assert lines[0] == "index,score" and lines[1:] == ["0,1.0", "1,0.75", "2,0.0", "3,1.0"]
+    assert main(["report", str(path), "--format", "pythia-csv"]) == 2
+
+
+def test_html_report_is_self_contained_with_tables_and_charts(tmp_path):
+    from html.parser import HTMLParser
+
+    path = tmp_path / "h.sqlite"
+    build_known_history(path)
+    out = tmp_path / "report.html"
+    assert main(["report", str(path), "--format", "html", "--out", str(out)]) == 0
+    page = out.read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.captions, self.cells, self._in = [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self._in = tag
+
+        def handle_data(self, data):
+            if self._in == "caption":
+                self.captions.append(data)
+            if self._in == "td":
+                self.cells.append(data)
+
+    p = Collect()
+    p.feed(page)
+    assert "script" not in p.tags and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page and p.tags.count("svg") >= 3
+    assert {"Groups over steps", "Probe timelines (3 ever memorized)"} <= set(p.captions)
+    assert any(c.startswith("train: transitions, step 0") for c in p.captions)
+    assert "87.5%" not in p.cells and "0.875" in p.cells and "50.0%" in p.cells
+
+
+def test_compare_two_histories(tmp_path, capsys):
+    a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
+    build_known_history(a)
+    build_known_history(b)
+    from memwatch.history import HistoryStore
+
+    with HistoryStore(b) as h:  # in B, probe b is not memorized at the end
+        eid = h.evals(1)[-1]["eval_id"]
+        h.conn.execute(
+            "UPDATE results SET exact = 0, match_ratio = 0.5 WHERE eval_id = ? AND probe_id = 'b'", (eid,)
+        )
+    assert main(["compare", str(a), str(b), "--format", "json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    train = next(r for r in d["final"] if r["group"] == "train")
+    assert train["extraction_rate"] == {"a": 0.5, "b": 0.0, "b_minus_a": -0.5}
+    assert {(r["step"], r["group"]) for r in d["common_steps"]} == {
+        (s, g) for s in (0, 10, 20) for g in ("train", "heldout")
+    }
+    assert main(["compare", f"{a}::known", f"{b}::1"]) == 0
+    text = capsys.readouterr().out
+    assert "A = known (step 20)" in text
+    assert any(
+        line.split() == ["train", "extraction", "rate", "50.0%", "0.0%", "-50.0%"]
+        for line in text.splitlines()
+    )
+    assert main(["compare", str(a), f"{b}::nope"]) == 2
+
+
+@pytest.mark.parametrize("command", ["", "demo", "scan", "report", "compare", "export-tb"])
+def test_every_help_answers_without_torch(command):
+    code = (
+        "import sys\nfrom memwatch.cli import main\ntry:\n"
+        f" main({[command, '--help'] if command else ['--help']!r})\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+    assert "usage: memwatch" in out.stdout
+
+
+@pytest.mark.parametrize("command", [["report"], ["export-tb", "--out", "x"], ["compare", "OTHER"]])
+def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"\x00garbage" * 64)
+    for target, message in (
+        (tmp_path / "missing.sqlite", "no history at"),
+        (bad, "not a readable memwatch history"),
+    ):
+        args = [a.replace("OTHER", str(target)) for a in command]
+        run = subprocess.run(
+            [sys.executable, "-m", "memwatch.cli", args[0], str(target), *args[1:]],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 2 and message in run.stderr, run.stderr

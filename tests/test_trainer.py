@@ -32,18 +32,17 @@ def corpus(n_train=16, n_held=8, length=48, seed=0):
 
 def make_trainer(out, callbacks=(), steps=150, seed=0, logging_steps=10, train=None, held=None, **kw):
     default_train, default_held = corpus()
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        max_steps=steps,
-        learning_rate=3e-3,
-        logging_steps=logging_steps,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
+    options = {
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
         **kw,
+    }
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, logging_steps=logging_steps, seed=seed, **options
     )
     model = tiny_model("gpt2", seed=seed)  # dropout 0.1 is on: the RNG matters
     return Trainer(

@@ -1,0 +1,650 @@
+"""History reports people want to read: rich text, CSV, Pythia-style CSV and one self-contained HTML file."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .analysis import History, RunData
+from .metrics import BUCKET_NAMES
+
+__all__ = ["compare_dict", "render_compare", "render_csv", "render_html", "render_text", "write_pythia_csv"]
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _f(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _pick(run: RunData, step: int | None, default: int) -> int:
+    if step is None:
+        return default
+    hits = np.flatnonzero(run.steps == step)
+    if not len(hits):
+        raise ValueError(f"run {run.name!r} has no evaluation at step {step}; steps: {run.steps.tolist()}")
+    return int(hits[0])
+
+
+def spark(values: Sequence[float], boundary: int | None = None) -> str:
+    """A unicode sparkline; a '|' marks the prefix/continuation boundary."""
+    v = np.asarray(values, dtype=float)
+    finite = v[np.isfinite(v)]
+    if not len(finite):
+        return ""
+    lo, hi = float(finite.min()), float(finite.max())
+    scale = (hi - lo) or 1.0
+    chars = [_SPARK[round((x - lo) / scale * (len(_SPARK) - 1))] if math.isfinite(x) else " " for x in v]
+    if boundary is not None and 0 < boundary < len(chars):
+        chars.insert(boundary, "|")
+    return "".join(chars)
+
+
+# --- text -------------------------------------------------------------------------------------------------------
+
+
+def render_text(
+    history: History,
+    *,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    max_probes: int = 40,
+    width: int = 120,
+) -> str:
+    """The readable report: per group over steps, a transition matrix, probe timelines, canaries, entropy, alerts."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table as _Table
+
+    def Table(**kw: Any) -> _Table:
+        return _Table(box=box.SIMPLE, **kw)
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=False, color_system=None)
+    alerts = history.store.alerts()
+    for run in history.all_runs():
+        console.rule(
+            f"run {run.run_id}: {run.name} ({run.source}, {len(run.steps)} evaluations, {len(run.ids)} probes)"
+        )
+        if not len(run.steps):
+            console.print("no evaluations yet")
+            continue
+        t = Table(title="groups over steps", title_justify="left", header_style="bold")
+        for col in (
+            "step",
+            "group",
+            "n",
+            "extracted",
+            "rate",
+            "match ratio",
+            "edit sim",
+            "suffix nll",
+            "exposure",
+        ):
+            t.add_column(col, justify="left" if col == "group" else "right")
+        for row in run.group_series():
+            t.add_row(
+                str(row["step"]),
+                row["group"],
+                str(row["n"]),
+                str(row["extracted"]),
+                _f(row["extraction_rate"], ".1%"),
+                _f(row["mean_match_ratio"]),
+                _f(row["mean_edit_similarity"]),
+                _f(row["mean_suffix_nll"]),
+                _f(row["mean_exposure"], ".1f"),
+            )
+        console.print(t)
+        a = _pick(run, from_step, 0)
+        b = _pick(run, to_step, len(run.steps) - 1)
+        for tr in run.transitions(a, b):
+            m = np.array(tr["matrix"])
+            if not m.sum():
+                continue
+            t = Table(
+                title=f"{tr['group']}: buckets at step {tr['from_step']} (rows) -> step {tr['to_step']} (columns)",
+                title_justify="left",
+                header_style="bold",
+            )
+            t.add_column("from \\ to")
+            for name in BUCKET_NAMES:
+                t.add_column(name, justify="right")
+            for i, name in enumerate(BUCKET_NAMES):
+                t.add_row(name, *[str(int(x)) if x else "." for x in m[i]])
+            console.print(t)
+        timelines = [p for p in run.timelines() if p["first_memorized_step"] is not None]
+        t = Table(
+            title=f"probe timelines ({len(timelines)} ever memorized)",
+            title_justify="left",
+            header_style="bold",
+        )
+        for col in ("probe", "group", "tier", "first memorized", "forgotten at", "re-memorized at", "at end"):
+            t.add_column(col)
+        for p in timelines[:max_probes]:
+            t.add_row(
+                p["id"],
+                p["group"],
+                f"{p['repetitions']}x" if "repetitions" in p else "",
+                str(p["first_memorized_step"]),
+                ", ".join(map(str, p["forgotten_steps"])) or "-",
+                ", ".join(map(str, p["rememorized_steps"])) or "-",
+                "yes" if p["memorized_at_end"] else "no",
+            )
+        console.print(t)
+        if len(timelines) > max_probes:
+            console.print(f"... and {len(timelines) - max_probes} more (see --format json or csv)")
+        tiers = [r for r in run.tiers() if r["step"] == int(run.steps[b])]
+        if tiers:
+            t = Table(
+                title=f"canaries: dose-response at step {int(run.steps[b])}",
+                title_justify="left",
+                header_style="bold",
+            )
+            for col in (
+                "repetitions",
+                "extracted",
+                "twins extracted",
+                "exposure",
+                "twins' exposure",
+                "match",
+                "first memorized",
+            ):
+                t.add_column(col, justify="right")
+            for r in tiers:
+                t.add_row(
+                    f"{r['repetitions']}x",
+                    f"{r['inserted_extracted']}/{r['inserted']}",
+                    f"{r['twins_extracted']}/{r['twins']}",
+                    _f(r["mean_exposure"], ".1f"),
+                    _f(r["twins_mean_exposure"], ".1f"),
+                    _f(r["mean_match_ratio"], ".2f"),
+                    str(r["first_memorized_step"]) if r["first_memorized_step"] is not None else "-",
+                )
+            console.print(t)
+        t = Table(
+            title=f"entropy across the boundary at step {int(run.steps[b])} (nats; '|' = boundary)",
+            title_justify="left",
+            header_style="bold",
+        )
+        for col in ("group", "bucket", "n", "before", "after", "jump", "profile"):
+            t.add_column(col, justify="left" if col in ("group", "bucket", "profile") else "right")
+        for g, per in run.entropy_profiles(b).items():
+            for bucket, e in per.items():
+                t.add_row(
+                    g,
+                    bucket,
+                    str(e["n"]),
+                    _f(e["pre"], ".2f"),
+                    _f(e["post"], ".2f"),
+                    _f(e["jump"], "+.2f"),
+                    spark(e["profile"], run.entropy_window),
+                )
+        console.print(t)
+        run_alerts = [x for x in alerts if x["run_id"] == run.run_id]
+        if run_alerts:
+            t = Table(title="alerts", title_justify="left", header_style="bold")
+            for col in ("step", "rule", "group", "action", "message"):
+                t.add_column(col)
+            for x in run_alerts:
+                t.add_row(str(x["step"]), x["rule"], x["group"] or "", x["action"] or "", x["message"])
+            console.print(t)
+    return out.getvalue()
+
+
+# --- CSV ----------------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "run_id",
+    "run",
+    "step",
+    "label",
+    "probe_id",
+    "group",
+    "repetitions",
+    "exact",
+    "match_ratio",
+    "prefix_match_len",
+    "edit_similarity",
+    "suffix_nll",
+    "near_tie",
+    "exposure",
+)
+
+
+def render_csv(history: History) -> str:
+    """One row per (run, evaluation, probe): the per-probe results in long form."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for run in history.all_runs():
+        for e, step in enumerate(run.steps.tolist()):
+            for i, pid in enumerate(run.ids):
+
+                def num(x: float) -> str:
+                    return "" if not math.isfinite(x) else repr(float(x))
+
+                w.writerow(
+                    [
+                        run.run_id,
+                        run.name,
+                        step,
+                        run.labels[e] or "",
+                        pid,
+                        run.groups[i],
+                        run.metas[i].get("repetitions", ""),
+                        int(run.exact[e, i]),
+                        num(run.match_ratio[e, i]),
+                        int(run.prefix_match_len[e, i]),
+                        num(run.edit_similarity[e, i]),
+                        num(run.suffix_nll[e, i]),
+                        int(run.near_tie[e, i]),
+                        num(run.exposure[e, i]),
+                    ]
+                )
+    return out.getvalue()
+
+
+def write_pythia_csv(history: History, out_dir: str) -> list[str]:
+    """Pythia-style memorization scores: one `index,score` CSV per evaluation (checkpoint).
+
+    index: the probe's position in its source dataset when known (sampled windows), else in the panel;
+    score: the match ratio (Biderman et al. 2023's memorization score).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for run in history.all_runs():
+        index = [int(m.get("source_index", i)) for i, m in enumerate(run.metas)]
+        for e, step in enumerate(run.steps.tolist()):
+            path = os.path.join(out_dir, f"{_slug(run.name)}-step{step}.csv")
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(["index", "score"])
+                for i in np.argsort(index, kind="stable"):
+                    w.writerow([index[i], repr(float(run.match_ratio[e, i]))])
+            paths.append(path)
+    return paths
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "run"
+
+
+# --- HTML ---------------------------------------------------------------------------------------------------------
+
+_COLORS = ["#3b6fb6", "#d9622b", "#3c9d5d", "#a23b72", "#8c6d1f", "#5b5b5b", "#1f8a8a", "#b8860b"]
+_BUCKET_COLORS = {
+    "0-20": "#466eb4",
+    "20-40": "#3ca0aa",
+    "40-60": "#5aaa50",
+    "60-80": "#e1a028",
+    "80-99": "#e15f28",
+    "exact": "#be1e3c",
+}
+
+
+def _svg_lines(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    title: str,
+    y_label: str,
+    colors: dict[str, str] | None = None,
+    vline: float | None = None,
+    percent: bool = False,
+) -> str:
+    """A small self-contained SVG line chart: name -> (xs, ys)."""
+    w, h, left, right, top, bottom = 520, 260, 52, 130, 28, 36
+    xs_all = [x for xs, _ in series.values() for x in xs]
+    ys_all = [y for _, ys in series.values() for y in ys if y is not None and math.isfinite(y)]
+    if not xs_all or not ys_all:
+        return f"<figure><figcaption>{html.escape(title)}: no data</figcaption></figure>"
+    x0, x1 = min(xs_all), max(xs_all)
+    y1 = max(ys_all) or 1.0
+    y1 = 1.0 if percent and y1 <= 1 else y1 * 1.1
+    sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
+    sy = lambda y: top + (1 - y / y1) * (h - top - bottom)  # noqa: E731
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{left}" y="16" class="t">{html.escape(title)}</text>',
+    ]
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        y = sy(frac * y1)
+        label = f"{frac * y1:.0%}" if percent else f"{frac * y1:.3g}"
+        parts.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" class="g"/>'
+            f'<text x="{left - 6}" y="{y + 4:.1f}" class="a" text-anchor="end">{label}</text>'
+        )
+    for x in sorted(set([x0, x1, *([] if len(set(xs_all)) > 6 else xs_all)])):
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{h - bottom + 16}" class="a" text-anchor="middle">{x:g}</text>'
+        )
+    parts.append(
+        f'<text x="{(left + w - right) / 2}" y="{h - 4}" class="a" text-anchor="middle">{html.escape(y_label)}</text>'
+    )
+    if vline is not None:
+        parts.append(
+            f'<line x1="{sx(vline):.1f}" x2="{sx(vline):.1f}" y1="{top}" y2="{h - bottom}" class="v"/>'
+        )
+    for j, (name, (xs, ys)) in enumerate(series.items()):
+        color = (colors or {}).get(name, _COLORS[j % len(_COLORS)])
+        pts = " ".join(
+            f"{sx(x):.1f},{sy(y):.1f}"
+            for x, y in zip(xs, ys, strict=True)
+            if y is not None and math.isfinite(y)
+        )
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
+        ly = top + 14 * j
+        parts.append(
+            f'<rect x="{w - right + 10}" y="{ly}" width="12" height="10" fill="{color}"/>'
+            f'<text x="{w - right + 26}" y="{ly + 9}" class="a">{html.escape(str(name))}</text>'
+        )
+    parts.append("</svg>")
+    return "<figure>" + "".join(parts) + "</figure>"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(history: History, *, from_step: int | None = None, to_step: int | None = None) -> str:
+    """One self-contained HTML file (inline CSS and SVG; no scripts, no external requests)."""
+    sections = []
+    alerts = history.store.alerts()
+    for run in history.all_runs():
+        s = [
+            f"<h2>Run {run.run_id}: {html.escape(run.name)} <small>({run.source}, {len(run.steps)} evaluations, "
+            f"{len(run.ids)} probes)</small></h2>"
+        ]
+        if not len(run.steps):
+            sections.append("".join(s) + "<p>No evaluations yet.</p>")
+            continue
+        series = run.group_series()
+        groups = run.group_names()
+        steps = run.steps.tolist()
+        by = {(r["step"], r["group"]): r for r in series}
+        s.append('<div class="charts">')
+        s.append(
+            _svg_lines(
+                {g: (steps, [by[(st, g)]["extraction_rate"] for st in steps]) for g in groups},
+                "extraction rate by group",
+                "step",
+                percent=True,
+            )
+        )
+        s.append(
+            _svg_lines(
+                {g: (steps, [by[(st, g)]["mean_match_ratio"] for st in steps]) for g in groups},
+                "mean match ratio by group",
+                "step",
+                percent=True,
+            )
+        )
+        b = _pick(run, to_step, len(steps) - 1)
+        a = _pick(run, from_step, 0)
+        profiles = run.entropy_profiles(b)
+        w = run.entropy_window
+        for g, per in profiles.items():
+            s.append(
+                _svg_lines(
+                    {name: (list(range(-w, len(e["profile"]) - w)), e["profile"]) for name, e in per.items()},
+                    f"{g}: entropy profile at step {steps[b]} (nats)",
+                    "position vs boundary",
+                    colors=_BUCKET_COLORS,
+                    vline=-0.5,
+                )
+            )
+        tier_rows = run.tiers()
+        if tier_rows:
+            reps = sorted({r["repetitions"] for r in tier_rows})
+            s.append(
+                _svg_lines(
+                    {
+                        f"{rep}x": (
+                            steps,
+                            [
+                                next(
+                                    (
+                                        r["mean_exposure"]
+                                        for r in tier_rows
+                                        if r["step"] == st and r["repetitions"] == rep
+                                    ),
+                                    None,
+                                )
+                                for st in steps
+                            ],
+                        )
+                        for rep in reps
+                    },
+                    "canary exposure by tier (bits)",
+                    "step",
+                )
+            )
+        s.append("</div>")
+        s.append(
+            _table(
+                [
+                    "step",
+                    "group",
+                    "n",
+                    "extracted",
+                    "rate",
+                    "match ratio",
+                    "edit sim",
+                    "suffix NLL",
+                    "exposure",
+                ],
+                [
+                    [
+                        r["step"],
+                        r["group"],
+                        r["n"],
+                        r["extracted"],
+                        _f(r["extraction_rate"], ".1%"),
+                        _f(r["mean_match_ratio"]),
+                        _f(r["mean_edit_similarity"]),
+                        _f(r["mean_suffix_nll"]),
+                        _f(r["mean_exposure"], ".1f"),
+                    ]
+                    for r in series
+                ],
+                "Groups over steps",
+            )
+        )
+        for tr in run.transitions(a, b):
+            m = np.array(tr["matrix"])
+            if m.sum():
+                s.append(
+                    _table(
+                        ["from \\ to", *BUCKET_NAMES],
+                        [[name, *m[i].tolist()] for i, name in enumerate(BUCKET_NAMES)],
+                        f"{tr['group']}: transitions, step {tr['from_step']} → {tr['to_step']}",
+                    )
+                )
+        if tier_rows:
+            s.append(
+                _table(
+                    [
+                        "step",
+                        "repetitions",
+                        "extracted",
+                        "twins extracted",
+                        "exposure",
+                        "twins' exposure",
+                        "first memorized",
+                    ],
+                    [
+                        [
+                            r["step"],
+                            f"{r['repetitions']}x",
+                            f"{r['inserted_extracted']}/{r['inserted']}",
+                            f"{r['twins_extracted']}/{r['twins']}",
+                            _f(r["mean_exposure"], ".1f"),
+                            _f(r["twins_mean_exposure"], ".1f"),
+                            r["first_memorized_step"] if r["first_memorized_step"] is not None else "-",
+                        ]
+                        for r in tier_rows
+                    ],
+                    "Canaries: dose-response",
+                )
+            )
+        timelines = [p for p in run.timelines() if p["first_memorized_step"] is not None]
+        s.append(
+            _table(
+                ["probe", "group", "tier", "first memorized", "forgotten at", "re-memorized at", "at end"],
+                [
+                    [
+                        p["id"],
+                        p["group"],
+                        p.get("repetitions", ""),
+                        p["first_memorized_step"],
+                        ", ".join(map(str, p["forgotten_steps"])) or "-",
+                        ", ".join(map(str, p["rememorized_steps"])) or "-",
+                        "yes" if p["memorized_at_end"] else "no",
+                    ]
+                    for p in timelines
+                ],
+                f"Probe timelines ({len(timelines)} ever memorized)",
+            )
+        )
+        s.append(
+            _table(
+                ["group", "bucket", "n", "before", "after", "jump"],
+                [
+                    [g, bucket, e["n"], _f(e["pre"], ".2f"), _f(e["post"], ".2f"), _f(e["jump"], "+.2f")]
+                    for g, per in profiles.items()
+                    for bucket, e in per.items()
+                ],
+                f"Entropy across the boundary at step {steps[b]}",
+            )
+        )
+        run_alerts = [x for x in alerts if x["run_id"] == run.run_id]
+        if run_alerts:
+            s.append(
+                _table(
+                    ["step", "rule", "group", "action", "message"],
+                    [
+                        [x["step"], x["rule"], x["group"] or "", x["action"] or "", x["message"]]
+                        for x in run_alerts
+                    ],
+                    "Alerts",
+                )
+            )
+        sections.append("".join(s))
+    style = (
+        "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}"
+        "h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}"
+        "table{border-collapse:collapse;margin:14px 0}caption{text-align:left;font-weight:600;padding:4px 0}"
+        "th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
+        "td:first-child,th:first-child{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0}.t{font-weight:600;font-size:13px}.a{font-size:11px;fill:#444}"
+        ".g{stroke:#e6e6e6}.v{stroke:#333;stroke-dasharray:4 3}"
+    )
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>memwatch report</title><style>{style}</style>"
+        f"</head><body><h1>memwatch report</h1><p>{html.escape(history.path)}</p>{''.join(sections)}</body></html>"
+    )
+
+
+# --- compare ------------------------------------------------------------------------------------------------------
+
+
+def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
+    """Two runs side by side: per group at each run's last evaluation and at the steps both evaluated."""
+
+    def last(run: RunData) -> dict[str, dict[str, Any]]:
+        rows = [r for r in run.group_series() if r["step"] == int(run.steps[-1])] if len(run.steps) else []
+        return {r["group"]: r for r in rows}
+
+    la, lb = last(a), last(b)
+    groups = [g for g in dict.fromkeys([*la, *lb])]
+    metrics = (
+        "extraction_rate",
+        "mean_match_ratio",
+        "mean_edit_similarity",
+        "mean_suffix_nll",
+        "mean_exposure",
+    )
+    final = []
+    for g in groups:
+        row: dict[str, Any] = {"group": g}
+        for m in metrics:
+            va, vb = la.get(g, {}).get(m), lb.get(g, {}).get(m)
+            row[m] = {"a": va, "b": vb, "b_minus_a": None if va is None or vb is None else vb - va}
+        final.append(row)
+    common = sorted(set(a.steps.tolist()) & set(b.steps.tolist()))
+    sa = {(r["step"], r["group"]): r for r in a.group_series()}
+    sb = {(r["step"], r["group"]): r for r in b.group_series()}
+    over = [
+        {
+            "step": st,
+            "group": g,
+            "extraction_rate_a": sa[(st, g)]["extraction_rate"],
+            "extraction_rate_b": sb[(st, g)]["extraction_rate"],
+        }
+        for st in common
+        for g in groups
+        if (st, g) in sa and (st, g) in sb
+    ]
+    return {
+        "a": {"run_id": a.run_id, "name": a.name, "last_step": int(a.steps[-1]) if len(a.steps) else None},
+        "b": {"run_id": b.run_id, "name": b.name, "last_step": int(b.steps[-1]) if len(b.steps) else None},
+        "final": final,
+        "common_steps": over,
+    }
+
+
+def render_compare(d: dict[str, Any], width: int = 120) -> str:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table as _Table
+
+    def Table(**kw: Any) -> _Table:
+        return _Table(box=box.SIMPLE, **kw)
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=False, color_system=None)
+    t = Table(
+        title=f"A = {d['a']['name']} (step {d['a']['last_step']})   B = {d['b']['name']} (step {d['b']['last_step']})",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col in ("group", "metric", "A", "B", "B - A"):
+        t.add_column(col, justify="left" if col in ("group", "metric") else "right")
+    for row in d["final"]:
+        for m, label, spec in (
+            ("extraction_rate", "extraction rate", ".1%"),
+            ("mean_match_ratio", "match ratio", ".3f"),
+            ("mean_edit_similarity", "edit similarity", ".3f"),
+            ("mean_suffix_nll", "suffix NLL", ".3f"),
+            ("mean_exposure", "exposure (bits)", ".1f"),
+        ):
+            v = row[m]
+            if v["a"] is None and v["b"] is None:
+                continue
+            delta = "-" if v["b_minus_a"] is None else format(v["b_minus_a"], "+" + spec)
+            t.add_row(row["group"], label, _f(v["a"], spec), _f(v["b"], spec), delta)
+    console.print(t)
+    if d["common_steps"]:
+        t = Table(
+            title="extraction rate at the steps both evaluated", title_justify="left", header_style="bold"
+        )
+        for col in ("step", "group", "A", "B"):
+            t.add_column(col, justify="right")
+        for r in d["common_steps"]:
+            t.add_row(
+                str(r["step"]),
+                r["group"],
+                _f(r["extraction_rate_a"], ".1%"),
+                _f(r["extraction_rate_b"], ".1%"),
+            )
+        console.print(t)
+    return out.getvalue()
