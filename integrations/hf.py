@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from transformers import TrainerCallback
 
 from memwatch.config import MonitorConfig
-from memwatch.monitor import Monitor
+from memwatch.monitor import Monitor, SetupError
 
 __all__ = ["MemWatchCallback"]
+
+log = logging.getLogger("memwatch")
 
 
 def _find_trainer() -> Any:
@@ -66,6 +69,23 @@ class MemWatchCallback(TrainerCallback):
     def on_train_begin(
         self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs
     ):
+        monitor = self.monitor
+        try:
+            self._setup(args, state, model, processing_class, train_dataloader)
+        except SetupError:
+            raise  # bad input: a clear error before the first step
+        except Exception as exc:  # anything else must not stop the training run
+            if monitor.config.strict:
+                raise
+            monitor.disabled = True
+            log.error("memwatch could not start and is switched off; training continues", exc_info=exc)
+            return control
+        # A baseline at train begin, unless this step is already recorded (a resumed run).
+        if self.config.eval_on_start and state.global_step not in monitor.evaluated_steps:
+            self._apply(monitor.evaluate(model, state.global_step), control)
+        return control
+
+    def _setup(self, args, state, model, processing_class, train_dataloader) -> None:
         trainer = _find_trainer()
         train_data = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
@@ -97,14 +117,32 @@ class MemWatchCallback(TrainerCallback):
             run_name=getattr(args, "run_name", None),
             model_name=getattr(config, "_name_or_path", None) or type(model).__name__,
         )
-        if self.config.eval_on_start and state.global_step == 0:
-            self.monitor.evaluate(model, state.global_step)
-        return control
+
+    @staticmethod
+    def _apply(record: Any, control: Any) -> None:
+        """Alert actions through the Trainer's own control flags: it saves and stops at this step."""
+        if record is None or not record.actions:
+            return
+        if "save_checkpoint" in record.actions:
+            control.should_save = True
+        if "stop_training" in record.actions:
+            control.should_training_stop = True
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.monitor.on_step(model, state.global_step)
+        try:
+            self._apply(self.monitor.on_step(model, state.global_step), control)
+        except Exception as exc:
+            self._guard(exc, "on_step_end")
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.monitor.finish(model, state.global_step)
+        try:
+            self.monitor.finish(model, state.global_step)
+        except Exception as exc:
+            self._guard(exc, "on_train_end")
         return control
+
+    def _guard(self, exc: Exception, where: str) -> None:
+        if self.monitor.config.strict:
+            raise exc
+        log.error("memwatch: unexpected error in %s; training continues", where, exc_info=exc)

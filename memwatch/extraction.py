@@ -6,6 +6,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -315,7 +316,7 @@ def _decode(
     w: int,
     tie_margin: float,
     near_tie: torch.Tensor,
-) -> None:
+) -> int:
     """Greedy decoding of the rows that diverged before the last token, from their divergence point.
 
     The teacher-forced cache holds k+m-1 slots of the true sequence. A row that first misses at suffix index d
@@ -329,7 +330,7 @@ def _decode(
     need = (m - 1 - first_miss).clamp(min=0)  # [B] decoding steps per row
     todo = torch.nonzero(need > 0).flatten()
     if todo.numel() == 0:
-        return
+        return 0
     # One host sync per batch: the step counts decide the loop shape.
     order = todo[torch.argsort(need[todo], stable=True)]
     steps_host = need[order].tolist()
@@ -376,10 +377,18 @@ def _decode(
             if mask is not None:
                 mask = mask[done:]
         dropped += done
+    return n_steps
+
+
+def _dummy_forward(info: ModelInfo) -> None:
+    """A forward call that only keeps a synced rank in step with the others (FSDP / ZeRO-3 gather in forward)."""
+    info.call(
+        input_ids=torch.zeros((1, 1), dtype=torch.long, device=info.device), use_cache=False, return_dict=True
+    )
 
 
 def _run_batch(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie_margin: float
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie_margin: float, sync: Any = None
 ) -> dict[str, np.ndarray]:
     full = mode == "full"
     out, cache = _teacher_forced(info, x, k, m, w, use_cache=full)
@@ -398,7 +407,10 @@ def _run_batch(
     }
     if full:
         gen = torch.where(cols.unsqueeze(0) < first_miss.unsqueeze(1), suffix, out.tf_argmax)
-        _decode(info, cache, x, first_miss, gen, out, k, m, w, tie_margin, near_tie)
+        agreed = sync.max(int((m - 1 - first_miss).clamp(min=0).max())) if sync is not None else None
+        ran = _decode(info, cache, x, first_miss, gen, out, k, m, w, tie_margin, near_tie)
+        for _ in range((agreed or 0) - ran):
+            _dummy_forward(info)
         result["generated"] = gen
     del cache
     result["entropy"] = out.entropy
@@ -419,6 +431,7 @@ def extract(
     tie_margin: float | None = None,
     memory_budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sync: Any = None,
 ) -> ExtractionResult:
     """Greedy extraction of each sequence's suffix from its prefix, with memorization and entropy metrics.
 
@@ -440,6 +453,8 @@ def extract(
         memory_budget: bytes the automatic batch size may plan for (default: 1 GiB on CPU, half the free
             memory on CUDA).
         progress: called as progress(rows_done, rows_total) after each batch.
+        sync: a memwatch.distributed.Sync when parameters are sharded (FSDP, ZeRO-3): ranks agree on the batch
+            size and on the number of forward calls, padding with dummy forwards, like generate(synced_gpus=True).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -481,6 +496,10 @@ def extract(
         tie_margin = DEFAULT_TIE_MARGIN.get(compute_dtype, DEFAULT_TIE_MARGIN[torch.float32])
     act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
     bs = batch_size or _auto_batch_size(info, n, k, m, w, mode, act_bytes, memory_budget)
+    extra_batches = 0
+    if sync is not None:  # every rank runs the same batches and forward calls
+        bs = sync.min(bs)
+        extra_batches = sync.max(-(-n // bs)) - (-(-n // bs))
     autocast = (
         torch.autocast(device_type=info.device.type, dtype=amp)
         if amp is not None
@@ -490,9 +509,11 @@ def extract(
     with preserved_state(model), autocast:
         for start in range(0, n, bs):
             x = x_all[start : start + bs].to(info.device, non_blocking=True)
-            parts.append(_run_batch(info, x, k, m, w, mode, float(tie_margin)))
+            parts.append(_run_batch(info, x, k, m, w, mode, float(tie_margin), sync))
             if progress is not None:
                 progress(min(start + bs, n), n)
+        for _ in range(extra_batches):  # another rank has more batches: join its forward calls, keep nothing
+            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, float(tie_margin), sync)
     return _assemble(parts, x_all[:, k:].numpy(), k, m, w, mode)
 
 
@@ -514,6 +535,7 @@ def suffix_nll_after_prefix(
     *,
     batch_size: int | None = None,
     amp_dtype: str | torch.dtype | None = None,
+    sync: Any = None,
 ) -> np.ndarray:
     """Mean teacher-forced NLL of each suffix [R, m] after one shared prefix [k]. float32 [R].
 
@@ -539,6 +561,10 @@ def suffix_nll_after_prefix(
     compute_dtype = amp or info.param_dtype
     act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
     bs = batch_size or _auto_batch_size(info, r, k, m, 0, "exact", act_bytes, None)
+    extra_chunks = 0
+    if sync is not None:  # equal forward counts on every rank (see extract)
+        bs = sync.min(bs)
+        extra_chunks = sync.max(-(-r // bs)) - (-(-r // bs)) if m > 1 else 0
     autocast = (
         torch.autocast(device_type=info.device.type, dtype=amp)
         if amp is not None
@@ -563,6 +589,8 @@ def suffix_nll_after_prefix(
                 target = logits.gather(-1, chunk[:, 1:].unsqueeze(-1)).squeeze(-1).float()
                 nll = nll + (lse - target).sum(dim=1)
             out.append((nll / m).cpu())
+        for _ in range(extra_chunks):
+            _dummy_forward(info)
     return torch.cat(out).numpy().astype(np.float32)
 
 

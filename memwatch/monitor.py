@@ -101,12 +101,32 @@ def _looks_like_token_lists(data: Any) -> bool:
     )
 
 
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError | MemoryError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation failed on some rank (the message says which and why)."""
+
+
 class Monitor:
     """Evaluates memorization on a fixed panel during training; integrations call it, users may too.
 
     Lifecycle: `setup(model, ...)` once (builds the panel, opens the history and reporters), then
     `on_step(model, step)` after every optimizer step (evaluates when the cadence says so), then
     `finish(model, step)`. `evaluate(model, step)` runs one evaluation now.
+
+    It never takes the training run down: an exception inside an evaluation is caught, logged once with its
+    traceback, recorded, and training goes on; after `max_failures` failures in a row the monitor switches itself
+    off with a visible warning (`strict=True` re-raises instead). Bad input is a SetupError at setup, before the
+    first step. Under torch.distributed every rank computes a shard of the panel; rank 0 writes.
     """
 
     def __init__(
@@ -134,11 +154,24 @@ class Monitor:
         self.tensorboard = None
         self.console = None
         self.run_id: int | None = None
+        self.run_name: str | None = None
         self.output_dir: str | None = None
         self.amp_dtype: str | None = None
         self.is_main = True
+        self.alert_engine = None
+        self.alert_sinks = None
+        self.alerts: list[Any] = []
         self.last_record: EvalRecord | None = None
         self.evaluated_steps: list[int] = []
+        self.last_step: int | None = (
+            None  # the last step seen (saved with the state: a resume continues from it)
+        )
+        self.failures: list[str] = []  # every failure, as "step N: Type: message"
+        self.consecutive_failures = 0
+        self.disabled = False
+        self.batch_size: int | None = self.config.batch_size  # lowered on out-of-memory, then remembered
+        self.history_timeout = 10.0  # seconds to wait for a history locked by another writer
+        self._warned: set[str] = set()
         self._tokens: np.ndarray | None = None
         self._last_tick: float | None = None
         self._paused = 0.0
@@ -159,8 +192,15 @@ class Monitor:
         amp_dtype: str | None = None,
         run_name: str | None = None,
         model_name: str | None = None,
+        source: str = "live",
     ) -> None:
-        """Build the panel and open the outputs. Raises SetupError (before training starts) for bad input."""
+        """Build the panel and open the outputs. Raises SetupError (before training starts) for bad input.
+
+        start_step > 0 resumes: the run of the same name continues with its recorded panel, evaluations after
+        start_step are replaced, and the per-probe state is rebuilt from the history. source="scan" (post-hoc
+        checkpoints): the run of that name is continued, and canaries are not pre-flighted (there is no training
+        dataset to look in). Under torch.distributed, rank 0 builds the panel and every rank receives it.
+        """
         cfg = self.config
         self.tokenizer = self.tokenizer or tokenizer
         self.is_main = distributed.is_main_process()
@@ -168,15 +208,148 @@ class Monitor:
         if self.amp_dtype == "fp32":
             self.amp_dtype = None
         self.output_dir = os.fspath(cfg.output_dir or os.path.join(os.fspath(output_dir or "."), "memwatch"))
-        self.panel = self._build_panel(train_data, eval_data, collator)
-        if self.manifest is not None:
-            self._preflight(train_data, collator)
+        self.run_name = (
+            cfg.run_name
+            or run_name
+            or os.path.basename(os.path.abspath(os.path.dirname(self.output_dir)))
+            or "run"
+        )
+        state = None
+        from .history import HistoryError
+
+        try:
+            if self.is_main:
+                try:
+                    state = self._setup_main(
+                        model, train_data, eval_data, collator, model_name, start_step, source
+                    )
+                except HistoryError as exc:  # corrupt, newer, locked or unwritable: bad input, said at setup
+                    raise SetupError(str(exc)) from exc
+        except SetupError as exc:
+            state = {"error": str(exc)}
+            raise
+        except Exception as exc:
+            state = {"error": f"memwatch could not start: {type(exc).__name__}: {exc}"}
+            raise
+        finally:
+            # Every rank learns the outcome, so no rank waits forever for a panel that will not come.
+            state = distributed.broadcast(state)
+        if "error" in state:
+            raise SetupError(state["error"])
+        if not self.is_main:
+            self.panel = Panel(Probe(tuple(t), g, m) for t, g, m in state["panel"])
+            self._tokens = self.panel.tokens(cfg.prefix_len + cfg.suffix_len)
+            self.tracker = ProbeTracker(len(self.panel))
+            self._check_model(model)
+        self.tracker.load_state_dict(state["tracker"])
+        self.cadence.load_state_dict(state["cadence"])
+        self.evaluated_steps = list(state["evaluated_steps"])
+        self.last_step = start_step
+        self.ready = True
+
+    def _setup_main(
+        self,
+        model: Any,
+        train_data: Any,
+        eval_data: Any,
+        collator: Any,
+        model_name: str | None,
+        start_step: int,
+        source: str,
+    ) -> dict[str, Any]:
+        cfg = self.config
+        resume = start_step > 0 or source == "scan"  # a scan continues its run; a resumed training too
+        if cfg.history:
+            from .history import HistoryStore
+
+            path = cfg.history_path or os.path.join(self.output_dir, "history.sqlite")
+            self.history = HistoryStore(path, timeout=self.history_timeout)
+            self.run_id = self.history.find_run(self.run_name, source) if resume else None
+        stored = self.history.panel(self.run_id) if self.run_id is not None and source == "live" else []
+        if stored:  # a resumed run keeps the probes it started with
+            self.panel = Panel(Probe(tuple(p["tokens"]), p["group"], p["meta"]) for p in stored)
+        else:
+            self.panel = self._build_panel(train_data, eval_data, collator)
+            if self.manifest is not None and source == "live":
+                self._preflight(train_data, collator)
         self._tokens = self.panel.tokens(cfg.prefix_len + cfg.suffix_len)
         self.tracker = ProbeTracker(len(self.panel))
         self._check_model(model)
-        if self.is_main:
-            self._open_outputs(run_name, model_name, start_step)
-        self.ready = True
+        if self.history is not None:
+            if self.run_id is not None and source == "live":
+                removed = self.history.truncate_after(self.run_id, start_step)
+                if removed:
+                    log.info(
+                        "memwatch: resumed at step %d; replaced %d later evaluation(s)", start_step, removed
+                    )
+            elif self.run_id is None:
+                self.run_id = self.history.add_run(
+                    self.run_name, source=source, model=model_name, config=cfg.to_dict()
+                )
+            self.history.add_probes(
+                self.run_id, [(p.id, p.tokens, p.group, p.meta) for p in self.panel.probes]
+            )
+        self._open_reporters(start_step if resume and source == "live" else 0)
+        if self.run_id is not None and source == "live" and resume:
+            self._replay()
+        return {
+            "panel": [(p.tokens, p.group, dict(p.meta)) for p in self.panel.probes],
+            "tracker": self.tracker.state_dict(),
+            "cadence": self.cadence.state_dict(),
+            "evaluated_steps": self.evaluated_steps,
+        }
+
+    def _replay(self) -> None:
+        """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
+        from .analysis import History
+
+        assert self.history is not None
+        with History(self.history.path) as h:
+            run = h.run(self.run_id)
+        from .extraction import ExtractionResult
+
+        for e, step in enumerate(run.steps.tolist()):
+            spec = run.specs[e]
+            if spec != self.config.spec() or run.ids != self.panel.ids:  # type: ignore[union-attr]
+                continue
+            ratio = None if np.isnan(run.match_ratio[e]).all() else run.match_ratio[e].astype(np.float32)
+            sim = (
+                None if np.isnan(run.edit_similarity[e]).all() else run.edit_similarity[e].astype(np.float32)
+            )
+            result = ExtractionResult(
+                prefix_len=int(spec["prefix_len"]),
+                suffix_len=int(spec["suffix_len"]),
+                entropy_window=int(spec["entropy_window"]),
+                mode=str(spec["mode"]),
+                generated=run.generated[e] if run.generated is not None else None,
+                exact=run.exact[e],
+                match_ratio=ratio,
+                prefix_match_len=run.prefix_match_len[e],
+                edit_similarity=sim,
+                entropy=run.entropy[e],
+                suffix_nll=run.suffix_nll[e].astype(np.float32),
+                near_tie=run.near_tie[e],
+            )
+            exposure = run.exposure[e] if np.isfinite(run.exposure[e]).any() else None
+            record = build_record(
+                step=step,
+                wall_time=0.0,
+                duration=0.0,
+                spec=spec,
+                probe_ids=run.ids,
+                groups=run.groups,
+                metas=run.metas,
+                result=result,
+                tracker=self.tracker,
+                memorized_threshold=self.config.memorized_threshold,
+                boundary_width=self.config.boundary_width,
+                exposure=exposure,
+            )
+            if self.alert_engine is not None:
+                self.alert_engine.evaluate(record)  # state only: these alerts were delivered before
+            self.evaluated_steps.append(step)
+            self.cadence.last_step = step
+            self.last_record = record
 
     def _build_panel(self, train_data: Any, eval_data: Any, collator: Any) -> Panel:
         cfg = self.config
@@ -203,9 +376,10 @@ class Monitor:
         heldout = self.heldout if self.heldout is not None else eval_data
         if heldout is not None and cfg.heldout_probes:
             if _looks_like_token_lists(heldout):
-                items = list(heldout)
                 try:
-                    probes = probes_from_user(items, tokenizer=self.tokenizer, default_group="heldout")
+                    probes = probes_from_user(
+                        list(heldout), tokenizer=self.tokenizer, default_group="heldout"
+                    )
                 except ValueError as exc:
                     raise SetupError(str(exc)) from exc
                 rng = np.random.default_rng([cfg.seed, 0x686F])
@@ -312,102 +486,305 @@ class Monitor:
                 "entries: the probes were tokenized with another tokenizer."
             )
 
-    def _open_outputs(self, run_name: str | None, model_name: str | None, start_step: int) -> None:
+    def _open_reporters(self, purge_from: int) -> None:
         cfg = self.config
         assert self.panel is not None
-        name = (
-            cfg.run_name
-            or run_name
-            or os.path.basename(os.path.abspath(os.path.dirname(self.output_dir)))
-            or "run"
-        )
-        if cfg.history:
-            from .history import HistoryError, HistoryStore
-
-            path = cfg.history_path or os.path.join(self.output_dir, "history.sqlite")
-            try:
-                self.history = HistoryStore(path)
-            except HistoryError as exc:
-                raise SetupError(str(exc)) from exc
-            self.run_id = self.history.find_run(name, "live") if start_step > 0 else None
-            if self.run_id is not None:
-                removed = self.history.truncate_after(self.run_id, start_step)
-                if removed:
-                    log.info(
-                        "memwatch: resumed at step %d; replaced %d later evaluation(s)", start_step, removed
-                    )
-            else:
-                self.run_id = self.history.add_run(
-                    name, source="live", model=model_name, config=cfg.to_dict()
-                )
-            self.history.add_probes(
-                self.run_id, [(p.id, p.tokens, p.group, p.meta) for p in self.panel.probes]
-            )
         if cfg.tensorboard:
             tb_dir = cfg.tensorboard_dir or os.path.join(self.output_dir, "tb")
             from .reporters.tensorboard import TensorBoardReporter
 
-            self.tensorboard = TensorBoardReporter(
-                tb_dir, self.panel.group_names(), purge_step=start_step + 1 if start_step > 0 else None
-            )
+            try:
+                # A resumed run drops the events the interrupted one wrote after its checkpoint.
+                self.tensorboard = TensorBoardReporter(
+                    tb_dir, self.panel.group_names(), purge_step=purge_from + 1 if purge_from > 0 else None
+                )
+            except OSError as exc:
+                raise SetupError(
+                    f"cannot write TensorBoard logs to {tb_dir}: {exc.strerror or exc}; choose a writable "
+                    "tensorboard_dir or output_dir, or set tensorboard=False"
+                ) from exc
         if cfg.console:
             from .reporters.console import ConsoleReporter
 
             self.console = ConsoleReporter()
+        self._open_alerts()
+
+    def _open_alerts(self) -> None:
+        """The alert engine and its sinks (rank 0): console, log, JSONL, history, TensorBoard, callable, webhook."""
+        from .alerts import AlertEngine, AlertSinks, WebhookSink, jsonl_sink
+
+        acfg = self.config.alerts
+        if not acfg.enabled:
+            return
+        self.alert_engine = AlertEngine(acfg, describe=self._describe if self.config.reveal_text else None)
+        sinks = AlertSinks()
+        if self.console is not None:
+            sinks.add("console", self.console.alert)
+        level = logging.INFO if self.console is not None else logging.WARNING  # the console already shows it
+        sinks.add(
+            "logging",
+            lambda a: logging.getLogger("memwatch.alerts").log(level, "memwatch alert: %s", a.message),
+        )
+        if acfg.jsonl:
+            sinks.add("jsonl", jsonl_sink(os.path.join(self.output_dir, "alerts.jsonl")))
+        if self.history is not None and self.run_id is not None:
+            history, run_id = self.history, self.run_id
+            sinks.add(
+                "history",
+                lambda a: history.add_alert(
+                    run_id,
+                    a.step,
+                    rule=a.rule,
+                    message=a.message,
+                    group=a.group,
+                    probe_ids=a.probe_ids,
+                    action=a.action,
+                    data=a.data,
+                    wall_time=a.wall_time,
+                ),
+            )
+        if self.tensorboard is not None:
+            tb = self.tensorboard
+            sinks.add("tensorboard", lambda a: tb.write_text("alerts", f"**{a.rule}** — {a.message}", a.step))
+        if acfg.on_alert is not None:
+            sinks.add("on_alert", acfg.on_alert)
+        if acfg.webhook_url:
+            hook = WebhookSink(acfg.webhook_url, acfg.webhook_timeout, acfg.webhook_retries, self.run_name)
+            grace = min(10.0, acfg.webhook_timeout * (acfg.webhook_retries + 1) + 1)
+            sinks.add("webhook", hook, close=lambda: hook.close(grace))
+        self.alert_sinks = sinks
+
+    def _describe(self, i: int) -> str | None:
+        """Probe i's text (or token ids) and what the model generated: only with reveal_text=True."""
+        assert self.panel is not None and self._tokens is not None
+        k = self.config.prefix_len
+        tokens = self._tokens[i].tolist()
+        generated = None
+        if self.last_record is not None and self.last_record.result.generated is not None:
+            generated = self.last_record.result.generated[i].tolist()
+        decode = getattr(self.tokenizer, "decode", None)
+        show = (lambda ids: repr(decode(ids))) if callable(decode) else (lambda ids: str(ids))
+        text = f"prefix {show(tokens[:k])}, suffix {show(tokens[k:])}"
+        return text + (f", generated {show(generated)}" if generated is not None else "")
 
     # --- running -----------------------------------------------------------------------------------------------
 
     def on_step(self, model: Any, step: int) -> EvalRecord | None:
-        """Call after every optimizer step: times the step and evaluates when due."""
+        """Call after every optimizer step: times the step and evaluates when due. Never raises (unless strict)."""
+        self.last_step = step
         now = time.perf_counter()
+        had_interval = self.cadence.interval is not None
         if self._last_tick is not None:
             self.cadence.add_step_time(now - self._last_tick - self._paused)
         self._last_tick, self._paused = now, 0.0
-        if not self.ready or not self.cadence.due(step):
+        if not had_interval and self.cadence.interval is not None and distributed.is_distributed():
+            # Every rank reaches the warm-up count at the same step: agree on rank 0's interval.
+            self.cadence.interval = distributed.broadcast(self.cadence.interval)
+        if not self.ready or self.disabled or not self.cadence.due(step):
             return None
         return self.evaluate(model, step)
 
-    def evaluate(self, model: Any, step: int) -> EvalRecord:
-        """Run one evaluation of the panel at `step` now, record and report it."""
+    def recorded_steps(self) -> set[int]:
+        """Steps this run already holds in the history with the current spec (a scan skips them)."""
+        if self.history is None or self.run_id is None:
+            return set()
+        spec = self.config.spec()
+        return {e["step"] for e in self.history.evals(self.run_id) if e["spec"] == spec}
+
+    def evaluate(
+        self,
+        model: Any,
+        step: int,
+        *,
+        label: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> EvalRecord | None:
+        """Evaluate the panel at `step` now, record and report it. Returns the record (its `actions` say what the
+        alerts asked for), or None if the monitor is off or the evaluation failed (the failure is recorded)."""
         if not self.ready or self.panel is None or self.tracker is None:
             raise RuntimeError("Monitor.evaluate called before Monitor.setup")
-        from .extraction import extract
-
+        if self.disabled:
+            return None
         cfg = self.config
         t0 = time.perf_counter()
-        result = extract(
-            model,
-            self._tokens,
-            prefix_len=cfg.prefix_len,
-            suffix_len=cfg.suffix_len,
-            entropy_window=cfg.entropy_window,
-            batch_size=cfg.batch_size,
-            mode=cfg.mode,
-            amp_dtype=self.amp_dtype,
+        record = None
+        try:
+            result, exposure = self._measure(model, progress)
+            record = build_record(
+                step=step,
+                wall_time=time.time(),
+                duration=time.perf_counter() - t0,
+                spec=cfg.spec(),
+                probe_ids=self.panel.ids,
+                groups=self.panel.groups,
+                metas=[p.meta for p in self.panel.probes],
+                result=result,
+                tracker=self.tracker,
+                memorized_threshold=cfg.memorized_threshold,
+                boundary_width=cfg.boundary_width,
+                exposure=exposure,
+            )
+            self.last_record = record
+            if self.is_main:
+                self._write(record, label)
+                self._alert(record)
+            self.consecutive_failures = 0
+        except Exception as exc:
+            self._failed(exc, step)
+            record = None
+        duration = time.perf_counter() - t0
+        # Rank 0 decides: what the alerts asked for, and the next interval.
+        decided = distributed.broadcast(
+            {
+                "actions": sorted(record.actions) if record is not None else [],
+                "disabled": self.disabled,
+                "duration": duration,
+            }
         )
-        exposure = self._exposure(model, result) if self._exposure_due() else None
-        record = build_record(
-            exposure=exposure,
-            step=step,
-            wall_time=time.time(),
-            duration=time.perf_counter() - t0,
-            spec=cfg.spec(),
-            probe_ids=self.panel.ids,
-            groups=self.panel.groups,
-            metas=[p.meta for p in self.panel.probes],
-            result=result,
-            tracker=self.tracker,
-            memorized_threshold=cfg.memorized_threshold,
-            boundary_width=cfg.boundary_width,
-        )
-        if self.is_main:
-            self._write(record)
-        record.duration = time.perf_counter() - t0
-        self.cadence.evaluated(step, record.duration)
-        self._paused += record.duration
-        self.last_record = record
-        self.evaluated_steps.append(step)
+        if record is not None:
+            record.actions = set(decided["actions"])
+            record.duration = duration
+        self.disabled = self.disabled or decided["disabled"]
+        self.cadence.evaluated(step, decided["duration"])
+        self._paused += duration
+        if record is not None:
+            self.evaluated_steps.append(step)
         return record
+
+    def _extract(self, model: Any, tokens: np.ndarray, progress: Any, sync: Any) -> Any:
+        """memwatch.extract, halving the batch on out-of-memory down to 1 and remembering the size that worked."""
+        from .extraction import _auto_batch_size, extract
+        from .modeling import inspect_model
+
+        cfg = self.config
+        while True:
+            try:
+                result = extract(
+                    model,
+                    tokens,
+                    prefix_len=cfg.prefix_len,
+                    suffix_len=cfg.suffix_len,
+                    entropy_window=cfg.entropy_window,
+                    batch_size=self.batch_size,
+                    mode=cfg.mode,
+                    amp_dtype=self.amp_dtype,
+                    progress=progress,
+                    sync=sync,
+                )
+                return result
+            except Exception as exc:
+                if not _is_oom(exc) or sync is not None:
+                    raise
+                if self.batch_size is None:
+                    info = inspect_model(model)
+                    self.batch_size = _auto_batch_size(
+                        info,
+                        len(tokens),
+                        cfg.prefix_len,
+                        cfg.suffix_len,
+                        cfg.entropy_window,
+                        cfg.mode,
+                        4,
+                        None,
+                    )
+                if self.batch_size <= 1:
+                    raise
+                self.batch_size = max(1, self.batch_size // 2)
+                log.warning(
+                    "memwatch: out of memory during extraction; retrying with batch_size=%d", self.batch_size
+                )
+                self._free_memory()
+
+    @staticmethod
+    def _free_memory() -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _measure(self, model: Any, progress: Any) -> tuple[Any, np.ndarray | None]:
+        """The ExtractionResult (and exposure) of the whole panel; under torch.distributed each rank computes a
+        shard with the same number of forward calls and every rank receives all of it, in probe order."""
+        from .extraction import ExtractionResult
+
+        assert self._tokens is not None and self.panel is not None
+        due = self._exposure_due()
+        world = distributed.world_size() if distributed.is_distributed() else 1
+        if world == 1:
+            result = self._extract(model, self._tokens, progress, None)
+            return result, self._exposure(model, result, np.arange(len(self.panel))) if due else None
+        rank = distributed.rank()
+        idx, real = distributed.shard(len(self.panel), world, rank)
+        sync = None
+        if distributed.needs_synced_forward(model):
+            from .modeling import inspect_model
+
+            sync = distributed.Sync(inspect_model(model).device)
+        payload: Any
+        error: Exception | None = None
+        try:
+            part = self._extract(model, self._tokens[idx], progress, sync)
+            exp = self._exposure(model, part, idx, sync=sync) if due else None
+            payload = (part.select(slice(0, real)), None if exp is None else exp[:real])
+        except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
+            error = exc
+            payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
+        parts = distributed.all_gather(payload)
+        failed = [p[1] for p in parts if isinstance(p[0], str)]
+        if failed:
+            raise EvaluationError("; ".join(failed)) from error
+        result = ExtractionResult.concat([p[0] for p in parts])
+        exposure = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+        return result, exposure
+
+    def _alert(self, record: EvalRecord) -> None:
+        if self.alert_engine is None:
+            return
+        alerts = self.alert_engine.evaluate(record)
+        for alert in alerts:
+            if self.alert_sinks is not None:
+                self.alert_sinks.emit(alert)
+            if alert.action:
+                record.actions.update(alert.action.split(","))
+        record.alerts = alerts
+        self.alerts.extend(alerts)
+
+    def _failed(self, exc: Exception, step: int) -> None:
+        """Log once with the traceback, record, count; switch off after max_failures in a row; strict re-raises."""
+        cfg = self.config
+        self.consecutive_failures += 1
+        what = f"step {step}: {type(exc).__name__}: {exc}"
+        self.failures.append(what)
+        kind = type(exc).__name__
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.error("memwatch: evaluation failed at step %d; training continues", step, exc_info=exc)
+        else:
+            log.warning("memwatch: evaluation failed again (%s)", what)
+        self._record_incident(step, "monitor_error", f"memwatch evaluation failed at {what}")
+        if cfg.strict:
+            raise exc
+        if self.consecutive_failures >= cfg.max_failures:
+            self.disabled = True
+            message = (
+                f"memwatch switched itself off after {self.consecutive_failures} failed evaluations in a row "
+                f"(last: {what}); training continues without it. Set MonitorConfig(strict=True) to fail instead."
+            )
+            log.warning(message)
+            if self.console is not None:
+                self.console.print(f"[bold red]{message}[/]")
+            self._record_incident(step, "monitor_disabled", message)
+
+    def _record_incident(self, step: int, rule: str, message: str) -> None:
+        """A monitor failure is an alert of its own: in the history, the JSONL file and the logs."""
+        if not self.is_main or self.alert_sinks is None:
+            return
+        from .alerts import Alert
+
+        self.alert_sinks.emit(Alert(step, rule, None, [], message))
 
     def _exposure_due(self) -> bool:
         if self.manifest is None or not self.manifest.references or self.panel is None:
@@ -418,74 +795,150 @@ class Monitor:
             every = max(1, math.ceil(n * self.config.exposure_references / 32768))
         return len(self.evaluated_steps) % every == 0
 
-    def _exposure(self, model: Any, result: Any) -> np.ndarray:
-        """Exposure of every canary and twin: its secret ranked among R references after the same prefix.
-
-        The secret and its references are scored by one prefix-shared teacher-forced pass, so the ranking
-        compares like with like.
-        """
+    def _exposure(self, model: Any, result: Any, rows: np.ndarray, sync: Any = None) -> np.ndarray:
+        """Exposure of every canary and twin among `rows` (panel indices, in the order of `result`): its secret
+        ranked among R references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
         from .extraction import suffix_nll_after_prefix
         from .metrics import exposure
 
         cfg = self.config
         k, m = cfg.prefix_len, cfg.suffix_len
         assert self.panel is not None and self._tokens is not None
-        out = np.full(len(self.panel), np.nan)
-        for i, probe in enumerate(self.panel.probes):
+        out = np.full(len(rows), np.nan)
+        for j, i in enumerate(rows.tolist()):
+            probe = self.panel.probes[i]
             refs = self.manifest.references.get(probe.meta.get("family", ""))
             if not refs or "canary_id" not in probe.meta:
+                if sync is not None:  # keep the forward count equal across ranks
+                    suffix_nll_after_prefix(
+                        model,
+                        self._tokens[i, :k],
+                        self._tokens[i : i + 1, k:],
+                        sync=sync,
+                        batch_size=self.batch_size,
+                    )
                 continue
             refs_arr = np.asarray(refs[: cfg.exposure_references], dtype=np.int64)[:, :m]
             candidates = np.concatenate([self._tokens[i : i + 1, k:], refs_arr])  # the secret first
             nll = suffix_nll_after_prefix(
-                model, self._tokens[i, :k], candidates, batch_size=cfg.batch_size, amp_dtype=self.amp_dtype
+                model,
+                self._tokens[i, :k],
+                candidates,
+                batch_size=self.batch_size,
+                amp_dtype=self.amp_dtype,
+                sync=sync,
             )
-            out[i] = exposure(float(nll[0]), nll[1:])
+            out[j] = exposure(float(nll[0]), nll[1:])
         return out
 
-    def _write(self, record: EvalRecord) -> None:
+    def _write(self, record: EvalRecord, label: str | None = None) -> None:
+        """History, TensorBoard and console, each on its own: one failing writer does not stop the others."""
+        r = record.result
+        writers: list[tuple[str, Callable[[], Any]]] = []
         if self.history is not None and self.run_id is not None:
-            r = record.result
-            self.history.add_evaluation(
-                self.run_id,
-                record.step,
-                spec=record.spec,
-                probe_ids=record.probe_ids,
-                wall_time=record.wall_time,
-                duration=record.duration,
-                columns={
-                    "exact": r.exact,
-                    "match_ratio": r.match_ratio,
-                    "prefix_match_len": r.prefix_match_len,
-                    "edit_similarity": r.edit_similarity,
-                    "suffix_nll": r.suffix_nll,
-                    "near_tie": r.near_tie,
-                    "exposure": record.exposure,
-                    "generated": None if r.generated is None else r.generated.astype(np.int32),
-                    "entropy": r.entropy,
-                },
+            history, run_id = self.history, self.run_id
+            writers.append(
+                (
+                    "history",
+                    lambda: history.add_evaluation(
+                        run_id,
+                        record.step,
+                        spec=record.spec,
+                        probe_ids=record.probe_ids,
+                        wall_time=record.wall_time,
+                        duration=record.duration,
+                        label=label,
+                        columns={
+                            "exact": r.exact,
+                            "match_ratio": r.match_ratio,
+                            "prefix_match_len": r.prefix_match_len,
+                            "edit_similarity": r.edit_similarity,
+                            "suffix_nll": r.suffix_nll,
+                            "near_tie": r.near_tie,
+                            "exposure": record.exposure,
+                            "generated": None if r.generated is None else r.generated.astype(np.int32),
+                            "entropy": r.entropy,
+                        },
+                    ),
+                )
             )
         if self.tensorboard is not None:
-            self.tensorboard.write(record)
+            writers.append(("tensorboard", lambda: self.tensorboard.write(record)))
         if self.console is not None:
-            self.console.write(record)
+            writers.append(("console", lambda: self.console.write(record)))
+        for name, write in writers:
+            try:
+                write()
+            except Exception as exc:
+                key = f"writer:{name}"
+                what = f"{type(exc).__name__}: {exc}"
+                self.failures.append(f"step {record.step}: {name} writer: {what}")
+                if key not in self._warned:
+                    self._warned.add(key)
+                    log.error(
+                        "memwatch: writing the %s failed at step %d; measurements go on",
+                        name,
+                        record.step,
+                        exc_info=exc,
+                    )
+                    if self.console is not None and name != "console":
+                        self.console.print(f"[bold red]memwatch: writing the {name} failed: {what}[/]")
+                if name != "history":
+                    self._record_incident(
+                        record.step, "monitor_error", f"memwatch could not write the {name}: {what}"
+                    )
+                if self.config.strict:
+                    raise
 
     def finish(self, model: Any, step: int) -> EvalRecord | None:
         """End of training: a final evaluation (unless this step was just evaluated), then close the outputs."""
         record = None
         try:
-            if self.ready and self.config.eval_on_end and step not in self.evaluated_steps[-1:]:
+            if (
+                self.ready
+                and not self.disabled
+                and self.config.eval_on_end
+                and step not in self.evaluated_steps[-1:]
+            ):
                 record = self.evaluate(model, step)
         finally:
             self.close()
         return record
 
     def close(self) -> None:
+        if self.alert_sinks is not None:
+            self.alert_sinks.close()  # waits a bounded time for webhook posts in flight
         for sink in (self.tensorboard, self.history):
             if sink is not None:
-                sink.close()
-        self.tensorboard = self.history = None
+                try:
+                    sink.close()
+                except Exception as exc:  # closing must not take the run down either
+                    log.warning("memwatch: closing %s failed: %s", type(sink).__name__, exc)
+        self.tensorboard = self.history = self.alert_sinks = None
         self.ready = False
+
+    # --- state for framework checkpoints (Accelerate, Lightning) ------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "cadence": self.cadence.state_dict(),
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
+            "alerts": None if self.alert_engine is None else self.alert_engine.state_dict(),
+            "evaluated_steps": list(self.evaluated_steps),
+            "step": self.last_step,
+            "batch_size": self.batch_size,
+            "disabled": self.disabled,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.cadence.load_state_dict(state["cadence"])
+        if state.get("tracker") is not None and self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        if state.get("alerts") is not None and self.alert_engine is not None:
+            self.alert_engine.load_state_dict(state["alerts"])
+        self.evaluated_steps = list(state["evaluated_steps"])
+        self.batch_size = state.get("batch_size", self.batch_size)
+        self.disabled = bool(state.get("disabled", False))
 
     # --- summaries -----------------------------------------------------------------------------------------------
 

@@ -112,7 +112,9 @@ def test_outputs_can_be_switched_off_and_relocated(tmp_path):
     rec = monitor.evaluate(model, 0)
     assert rec.stats["train"].extracted == 4
     monitor.close()
-    assert not os.path.exists(tmp_path / "ignored") and not os.path.exists(tmp_path / "elsewhere")
+    # Only the alert log remains (an alert fired: every train probe is extracted), in the relocated directory.
+    assert not os.path.exists(tmp_path / "ignored")
+    assert os.listdir(tmp_path / "elsewhere") == ["alerts.jsonl"]
 
 
 def test_setup_errors_are_clear(tmp_path):

@@ -1,0 +1,225 @@
+"""memwatch never hurts the run: injected faults leave training intact and visible; bad input fails at setup."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+
+import pytest
+import torch
+from _models import tiny_model
+from test_trainer import K, M, make_trainer
+
+import memwatch.extraction
+from memwatch import MemWatchCallback, MonitorConfig
+from memwatch.history import HistoryError, HistoryStore
+from memwatch.monitor import SetupError
+
+
+def cfg(**kw):
+    return MonitorConfig(every_n_steps=5, prefix_len=K, suffix_len=M, console=False, **kw)
+
+
+def alerts_of(out):
+    with HistoryStore(os.path.join(out, "memwatch", "history.sqlite"), readonly=True) as h:
+        return h.alerts()
+
+
+def test_an_exception_in_extraction_is_logged_recorded_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    real = memwatch.extraction.extract
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] in (2, 3):  # the evaluations at steps 5 and 10 fail, then it recovers
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memwatch.extraction, "extract", flaky)
+    cb = MemWatchCallback(cfg())
+    trainer = make_trainer(tmp_path, [cb], steps=20)
+    with caplog.at_level("WARNING", logger="memwatch"):
+        trainer.train()
+    assert trainer.state.global_step == 20
+    assert cb.monitor.evaluated_steps == [0, 15, 20] and not cb.monitor.disabled
+    assert len(cb.monitor.failures) == 2 and "injected failure" in cb.monitor.failures[0]
+    assert caplog.text.count("Traceback") == 1  # logged once with its traceback
+    incidents = [a for a in alerts_of(tmp_path) if a["rule"] == "monitor_error"]
+    assert [a["step"] for a in incidents] == [5, 10] and "injected failure" in incidents[0]["message"]
+
+
+def test_repeated_failures_switch_the_monitor_off_and_strict_raises(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise ValueError("always broken")
+
+    monkeypatch.setattr(memwatch.extraction, "extract", broken)
+    cb = MemWatchCallback(cfg(max_failures=3))
+    trainer = make_trainer(tmp_path / "a", [cb], steps=30)
+    with caplog.at_level("WARNING", logger="memwatch"):
+        trainer.train()
+    assert trainer.state.global_step == 30 and cb.monitor.disabled
+    assert len(cb.monitor.failures) == 3  # then it stopped trying
+    assert "switched itself off after 3 failed evaluations" in caplog.text
+    assert [a["rule"] for a in alerts_of(tmp_path / "a")][-1] == "monitor_disabled"
+
+    strict = MemWatchCallback(cfg(strict=True))
+    with pytest.raises(ValueError, match="always broken"):
+        make_trainer(tmp_path / "b", [strict], steps=10).train()
+
+
+def test_out_of_memory_halves_the_batch_and_remembers(tmp_path, monkeypatch):
+    real = memwatch.extraction.extract
+    seen = []
+
+    def small_memory(model, seqs, **kwargs):
+        seen.append(kwargs.get("batch_size"))
+        if kwargs.get("batch_size") is None or kwargs["batch_size"] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, seqs, **kwargs)
+
+    monkeypatch.setattr(memwatch.extraction, "extract", small_memory)
+    cb = MemWatchCallback(cfg(batch_size=16))
+    trainer = make_trainer(tmp_path, [cb], steps=10)
+    trainer.train()
+    assert cb.monitor.failures == [] and cb.monitor.evaluated_steps == [0, 5, 10]
+    assert cb.monitor.batch_size == 2
+    assert seen[:4] == [16, 8, 4, 2] and seen[4:] == [2, 2]  # remembered for the next evaluations
+
+
+def test_a_full_disk_for_the_history_and_a_broken_tensorboard_do_not_stop_training(
+    tmp_path, monkeypatch, caplog
+):
+    from memwatch.reporters.tensorboard import TensorBoardReporter
+
+    def disk_full(self, *a, **k):
+        raise HistoryError(f"the disk holding {self.path} is full (database or disk is full); free space")
+
+    monkeypatch.setattr(HistoryStore, "add_evaluation", disk_full)
+    cb = MemWatchCallback(cfg())
+    with caplog.at_level("ERROR", logger="memwatch"):
+        make_trainer(tmp_path / "full", [cb], steps=10).train()
+    assert cb.monitor.evaluated_steps == [0, 5, 10]  # measurements went on, TensorBoard still written
+    assert "writing the history failed" in caplog.text and caplog.text.count("Traceback") == 1
+    assert os.listdir(tmp_path / "full" / "memwatch" / "tb")
+    monkeypatch.undo()
+
+    def tb_broken(self, record):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TensorBoardReporter, "write", tb_broken)
+    cb = MemWatchCallback(cfg())
+    trainer = make_trainer(tmp_path / "tb", [cb], steps=10)
+    trainer.train()
+    assert trainer.state.global_step == 10
+    with HistoryStore(tmp_path / "tb" / "memwatch" / "history.sqlite", readonly=True) as h:
+        assert [e["step"] for e in h.evals(1)] == [0, 5, 10]  # the history has everything
+    assert any("could not write the tensorboard" in a["message"] for a in alerts_of(tmp_path / "tb"))
+
+
+def test_no_network_connection_without_a_webhook(tmp_path, monkeypatch):
+    from memwatch.bytetok import ByteTokenizer
+    from memwatch.canaries import inject, make_canaries
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"memwatch opened a network connection: {args}")
+
+    rows = [{"input_ids": list(range(i, i + 48)), "labels": list(range(i, i + 48))} for i in range(40)]
+    man = make_canaries(ByteTokenizer(), tiers=(4,), per_tier=1, prefix_len=K, secret_len=M, references=8)
+    data, man = inject(rows, man)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    cb = MemWatchCallback(cfg(exposure_references=8), canaries=man)
+    make_trainer(tmp_path, [cb], steps=10, train=data).train()
+    assert cb.monitor.evaluated_steps == [0, 5, 10] and not cb.monitor.failures
+
+
+# --- bad input at train begin ----------------------------------------------------------------------------------
+
+
+def test_bad_history_files_stop_training_before_the_first_step_and_are_left_untouched(tmp_path):
+    out = tmp_path / "run"
+    (out / "memwatch").mkdir(parents=True)
+    history = out / "memwatch" / "history.sqlite"
+    history.write_bytes(b"not sqlite at all" * 64)
+    before = history.read_bytes()
+    trainer = make_trainer(out, [MemWatchCallback(cfg())], steps=5)
+    with pytest.raises(SetupError, match="not a readable memwatch history"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and history.read_bytes() == before
+
+    history.unlink()
+    HistoryStore(history).close()
+    con = sqlite3.connect(history)
+    con.execute("PRAGMA user_version=99")
+    con.commit()
+    con.close()
+    with pytest.raises(SetupError, match="newer memwatch"):
+        make_trainer(out, [MemWatchCallback(cfg())], steps=5).train()
+
+    history.unlink()
+    HistoryStore(history).close()
+    locker = sqlite3.connect(history, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        slow = MonitorConfig(every_n_steps=5, prefix_len=K, suffix_len=M, console=False)
+        cb = MemWatchCallback(slow)
+        cb.monitor.history_timeout = 0.2
+        with pytest.raises(SetupError, match="locked by another process"):
+            make_trainer(out, [cb], steps=5).train()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cb = MemWatchCallback(cfg(output_dir=str(blocker / "memwatch")))
+    with pytest.raises(SetupError, match="cannot create the history"):
+        make_trainer(tmp_path / "run", [cb], steps=5).train()
+
+
+def test_a_model_that_cannot_be_decoded(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
+
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    )
+    rows = [{"input_ids": list(range(i, i + 40)), "labels": list(range(i, i + 40))} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, save_strategy="no"
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[MemWatchCallback(cfg())])
+    with pytest.raises(SetupError, match="encoder-only, masked or headless"):
+        trainer.train()
+
+
+def test_a_tokenizer_without_a_pad_token_is_fine(tmp_path):
+    from memwatch.bytetok import ByteTokenizer
+
+    tok = ByteTokenizer()
+    tok.pad_token_id = None
+    cb = MemWatchCallback(
+        cfg(heldout_probes=0), probes=["a text probe that is long enough to be a window " * 2], tokenizer=tok
+    )
+    make_trainer(tmp_path, [cb], steps=5).train()
+    assert "user" in cb.monitor.panel.group_names() and cb.monitor.evaluated_steps == [0, 5]
+
+
+def test_model_is_unaffected_by_failures(tmp_path, monkeypatch):
+    """A failing monitor leaves training bitwise identical to a run without it."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("x")
+
+    monkeypatch.setattr(memwatch.extraction, "extract", broken)
+    a = make_trainer(tmp_path / "a", [MemWatchCallback(cfg())], steps=12)
+    a.train()
+    b = make_trainer(tmp_path / "b", [], steps=12)
+    b.train()
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert tiny_model("gpt2") is not None
