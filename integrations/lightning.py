@@ -134,7 +134,10 @@ class MemWatchLightningCallback(Callback):
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
-        return self.monitor.state_dict() if self.monitor.ready else dict(self._pending_state or {})
+        # After setup the monitor's own state (it outlives closing at train end); before, what was restored.
+        return (
+            self.monitor.state_dict() if self.monitor.panel is not None else dict(self._pending_state or {})
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if self.monitor.ready:

@@ -1,0 +1,84 @@
+"""The monitor under torch.distributed on CPU (gloo): DDP, FSDP1 and FSDP2 give the one-process history."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from memwatch.analysis import History
+from memwatch.history import HistoryStore
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(mode: str, kind: str, out, nproc: int) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, WORKER, mode, kind, str(out)]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            WORKER,
+            mode,
+            kind,
+            str(out),
+        ]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    launch("monitor", "none", out, 1)
+    with History(out) as h:
+        return h.run("dist")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2"])
+def test_two_processes_produce_the_one_process_history(kind, single_process, tmp_path):
+    launch("monitor", kind, tmp_path, 2)
+    with History(tmp_path) as h:
+        assert len(h.runs) == 1  # rank 0 alone wrote
+        run = h.run("dist")
+    ref = single_process
+    assert run.ids == ref.ids and run.steps.tolist() == ref.steps.tolist() == [0, 1, 2, 3]
+    assert run.group_names() == ["canary", "canary_heldout", "train", "partial"]
+    np.testing.assert_array_equal(run.exact, ref.exact)
+    np.testing.assert_array_equal(run.generated, ref.generated)
+    np.testing.assert_array_equal(run.prefix_match_len, ref.prefix_match_len)
+    np.testing.assert_allclose(run.entropy, ref.entropy, atol=1e-5)
+    np.testing.assert_allclose(run.suffix_nll, ref.suffix_nll, atol=1e-5)
+    np.testing.assert_allclose(run.exposure, ref.exposure, atol=1e-3)  # sharded exposure, gathered in order
+    assert np.isfinite(run.exposure[:, np.isin(run.groups, ["canary", "canary_heldout"])]).all()
+    # The monitor saw the model change between evaluations (the comparison is not of one frozen model).
+    assert not np.allclose(ref.suffix_nll[0], ref.suffix_nll[-1])
+
+
+@pytest.mark.slow
+def test_trainer_under_ddp(tmp_path):
+    stdout = launch("trainer", "ddp", tmp_path, 2)
+    assert "rank 0 evaluated [0, 4, 8, 12]" in stdout and "rank 1 evaluated [0, 4, 8, 12]" in stdout
+    with HistoryStore(tmp_path / "memwatch" / "history.sqlite", readonly=True) as h:
+        (run,) = h.runs()
+        assert [e["step"] for e in h.evals(run["run_id"])] == [0, 4, 8, 12]
+    assert len(os.listdir(tmp_path / "memwatch" / "tb")) == 1  # one event file: rank 0 only
