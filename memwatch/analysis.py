@@ -330,6 +330,25 @@ class History:
     def all_runs(self) -> list[RunData]:
         return [self._load(info) for info in self.runs]
 
+    def to_pandas(self) -> Any:
+        """All runs' per-probe results as one long pandas DataFrame (the columns of `memwatch report --format csv`).
+
+        pandas is optional: pip install 'memwatch[pandas]'.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError(
+                "History.to_pandas needs pandas: pip install 'memwatch[pandas]' (or pandas)"
+            ) from exc
+        import csv
+        import io
+
+        from .report import render_csv
+
+        table = pd.read_csv(io.StringIO(render_csv(self)), quoting=csv.QUOTE_MINIMAL)
+        return table
+
 
 def report_dict(history: History) -> dict[str, Any]:
     """The JSON report: runs, per-group series, transitions between consecutive evaluations, probe timelines."""

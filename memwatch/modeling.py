@@ -119,7 +119,9 @@ def inspect_model(model: nn.Module) -> ModelInfo:
             f"{supported}; {name} is an encoder-decoder model. Load it with AutoModelForCausalLM."
         )
     can_generate = getattr(inner, "can_generate", None)
-    is_causal = name in _causal_lm_names() or (callable(can_generate) and bool(can_generate()))
+    # Older transformers report can_generate() for masked LMs that keep a legacy prepare_inputs_for_generation.
+    masked = "MaskedLM" in name or "ForMaskedLM" in name
+    is_causal = name in _causal_lm_names() or (callable(can_generate) and bool(can_generate()) and not masked)
     if not is_causal or inner.get_output_embeddings() is None:
         raise TypeError(
             f"{supported}; {name} is not one (an encoder-only, masked or headless model cannot continue a "

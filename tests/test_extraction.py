@@ -242,20 +242,21 @@ def test_model_left_as_found_from_train_mode_with_gradient_checkpointing(arch):
     model.gradient_checkpointing_enable()
     model.config.use_cache = False  # what the Trainer leaves behind with gradient checkpointing
     model.train()
-    model.lm_head.eval()  # a submodule deliberately in another mode must stay so
+    head = model.get_output_embeddings()
+    head.eval()  # a submodule deliberately in another mode must stay so
     torch.manual_seed(1234)
     before = _snapshot(model)
     res = memwatch.extract(model, panel, prefix_len=K, suffix_len=M, entropy_window=W)
     after = _snapshot(model)
     _assert_same(before, after)
-    assert model.training and not model.lm_head.training and model.config.use_cache is False
+    assert model.training and not head.training and model.config.use_cache is False
     # Dropout was off and the cache was used correctly: same answers as from eval mode.
     np.testing.assert_array_equal(res.generated, expected.generated)
     np.testing.assert_allclose(res.entropy, expected.entropy, atol=1e-5)
     # Training still works afterwards, with gradients.
     loss = model(input_ids=panel[:2], labels=panel[:2]).loss
     loss.backward()
-    assert model.lm_head.weight.grad is not None
+    assert head.weight.grad is not None
 
 
 def test_grad_mode_and_rng_untouched_inside_no_grad_and_with_dropout_draws():

@@ -76,7 +76,8 @@ def test_same_step_is_replaced_and_truncate_after(tmp_path):
     assert [e["step"] for e in h.evals(run)] == [0, 10]
     assert h.alerts(run) == []
     assert h.conn.execute("SELECT count(*) FROM results").fetchone()[0] == 10
-    assert len(h.probe_results(run, "p1")) == 2
+    assert [r["step"] for r in h.probe_results(run, "p1")] == [0, 10]
+    assert h.probe_results(run, "unknown") == []
     h.close()
 
 
@@ -96,7 +97,17 @@ def test_private_file_modes_wal_and_schema_version(tmp_path):
     assert h.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert h.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {r[0] for r in h.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    assert {"evals_by_step", "results_by_probe"} <= indexes
+    assert "evals_by_step" in indexes
+    assert h.conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    # Per-step and per-probe reads are key lookups on the clustered results table, not scans.
+    for sql in (
+        "SELECT exact FROM results WHERE eval_id = ?",
+        "SELECT exact FROM results WHERE eval_id = ? AND position = ?",
+    ):
+        plan = " ".join(
+            str(r[-1]) for r in h.conn.execute("EXPLAIN QUERY PLAN " + sql, (1, 0)[: sql.count("?")])
+        )
+        assert "USING PRIMARY KEY" in plan, plan
     h.close()
     # Reopening continues the same file.
     h2 = HistoryStore(path)
@@ -135,6 +146,28 @@ def test_refuses_foreign_corrupt_and_newer_files_without_touching_them(tmp_path)
 
     with pytest.raises(HistoryError, match="no history at"):
         HistoryStore(tmp_path / "missing.sqlite", readonly=True)
+
+
+def test_a_run_keeps_its_panel(tmp_path):
+    h, run = _store_with_run(tmp_path / "h.sqlite", n=3)
+    h.add_probes(run, [(f"p{i}", [i] * 7, "train", {}) for i in range(3)])  # the same panel again: fine
+    with pytest.raises(HistoryError, match="recorded with another panel"):
+        h.add_probes(run, [("other", [9] * 7, "train", {})])
+    with pytest.raises(HistoryError, match="not in run"):
+        h.add_evaluation(
+            run,
+            1,
+            spec=SPEC,
+            probe_ids=["zz"],
+            columns={
+                "exact": [1],
+                "prefix_match_len": [1],
+                "suffix_nll": [1.0],
+                "near_tie": [0],
+                "entropy": [np.zeros(5, np.float32)],
+            },
+        )
+    h.close()
 
 
 def test_locked_history_is_a_clear_error(tmp_path):

@@ -202,7 +202,7 @@ def test_compare_two_histories(tmp_path, capsys):
     with HistoryStore(b) as h:  # in B, probe b is not memorized at the end
         eid = h.evals(1)[-1]["eval_id"]
         h.conn.execute(
-            "UPDATE results SET exact = 0, match_ratio = 0.5 WHERE eval_id = ? AND probe_id = 'b'", (eid,)
+            "UPDATE results SET exact = 0, match_ratio = 0.5 WHERE eval_id = ? AND position = 1", (eid,)
         )
     assert main(["compare", str(a), str(b), "--format", "json"]) == 0
     d = json.loads(capsys.readouterr().out)

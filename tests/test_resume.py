@@ -15,6 +15,15 @@ from memwatch.analysis import History
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
 
+# transformers < 4.49 cannot resume any Trainer run under torch >= 2.6: it reloads rng_state.pth with torch.load,
+# whose weights_only default rejects the numpy arrays in it. Nothing memwatch can do; its resume is tested above.
+_tf = tuple(int(x) for x in __import__("transformers").__version__.split(".")[:2])
+_torch = tuple(int(x) for x in __import__("torch").__version__.split(".")[:2])
+pytestmark = pytest.mark.skipif(
+    _tf < (4, 49) and _torch >= (2, 6),
+    reason="Trainer resume is broken in transformers < 4.49 with torch >= 2.6",
+)
+
 
 def run(mode: str, out, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
