@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from torch import nn
 
 from . import metrics
 from .modeling import ModelInfo, inspect_model, preserved_state
+from .result import ExtractionResult
 
 __all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix"]
 
@@ -32,71 +32,6 @@ _CPU_ACTIVATION_BYTES = 32 << 20
 _CUDA_BUDGET_SHARE = 0.5
 # fp32 working set for the log-softmax statistics; logits are processed in row chunks of at most this size.
 _STATS_BYTES = 256 << 20
-
-
-@dataclass(frozen=True)
-class ExtractionResult:
-    """Per-sequence results of `extract`, numpy arrays in input row order.
-
-    `generated`, `match_ratio` and `edit_similarity` are None in mode "exact" (no free decoding).
-    Entropy column j is the entropy (nats) of the distribution predicting token k - w + j: teacher-forced on the
-    true sequence for j < w, along the greedy path for j >= w (teacher-forced on the true suffix in mode "exact").
-    """
-
-    prefix_len: int
-    suffix_len: int
-    entropy_window: int
-    mode: str
-    generated: np.ndarray | None  # int64 [N, m]
-    exact: np.ndarray  # bool [N]
-    match_ratio: np.ndarray | None  # float32 [N]
-    prefix_match_len: np.ndarray  # int64 [N]
-    edit_similarity: np.ndarray | None  # float32 [N]
-    entropy: np.ndarray  # float32 [N, w + m]
-    suffix_nll: np.ndarray  # float32 [N]
-    near_tie: np.ndarray  # bool [N]
-
-    ARRAY_FIELDS = (
-        "generated",
-        "exact",
-        "match_ratio",
-        "prefix_match_len",
-        "edit_similarity",
-        "entropy",
-        "suffix_nll",
-        "near_tie",
-    )
-
-    def __len__(self) -> int:
-        return int(self.exact.shape[0])
-
-    def select(self, rows: np.ndarray | Sequence[int] | slice) -> ExtractionResult:
-        """The result restricted to `rows` (indices, a boolean mask or a slice), in that order."""
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in self.ARRAY_FIELDS:
-            value = kw[name]
-            kw[name] = None if value is None else value[rows]
-        return ExtractionResult(**kw)
-
-    @classmethod
-    def concat(cls, parts: Sequence[ExtractionResult]) -> ExtractionResult:
-        """Stack results computed with the same settings, rows in the order given."""
-        if not parts:
-            raise ValueError("concat needs at least one ExtractionResult")
-        first = parts[0]
-        kw = {f.name: getattr(first, f.name) for f in fields(first)}
-        for p in parts[1:]:
-            if (p.prefix_len, p.suffix_len, p.entropy_window, p.mode) != (
-                first.prefix_len,
-                first.suffix_len,
-                first.entropy_window,
-                first.mode,
-            ):
-                raise ValueError("concat: results differ in prefix_len, suffix_len, entropy_window or mode")
-        for name in cls.ARRAY_FIELDS:
-            values = [getattr(p, name) for p in parts]
-            kw[name] = None if values[0] is None else np.concatenate(values, axis=0)
-        return ExtractionResult(**kw)
 
 
 def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
@@ -119,24 +54,25 @@ def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
 
 def resolve_amp_dtype(amp_dtype: str | torch.dtype | None) -> torch.dtype | None:
     """Map "bf16"/"fp16"/"fp32"/None or a torch dtype to the autocast dtype (None: run in the model's dtype)."""
-    if (amp_dtype is None or isinstance(amp_dtype, torch.dtype)) and amp_dtype in (
-        None,
-        torch.bfloat16,
-        torch.float16,
-        torch.float32,
-    ):
-        return None if amp_dtype == torch.float32 else amp_dtype
     names = {
         "bf16": torch.bfloat16,
         "bfloat16": torch.bfloat16,
+        torch.bfloat16: torch.bfloat16,
         "fp16": torch.float16,
         "float16": torch.float16,
+        torch.float16: torch.float16,
+        "fp32": None,
+        "float32": None,
+        "none": None,
+        torch.float32: None,
+        None: None,
     }
-    if isinstance(amp_dtype, str) and amp_dtype.lower() in (*names, "fp32", "float32", "none"):
-        return names.get(amp_dtype.lower())
-    raise ValueError(
-        f"amp_dtype must be None, 'bf16', 'fp16' or 'fp32' (or the torch dtype); got {amp_dtype!r}"
-    )
+    key = amp_dtype.lower() if isinstance(amp_dtype, str) else amp_dtype
+    if key not in names:
+        raise ValueError(
+            f"amp_dtype must be None, 'bf16', 'fp16' or 'fp32' (or the torch dtype); got {amp_dtype!r}"
+        )
+    return names[key]
 
 
 def _as_tensor(sequences: object, need: int) -> torch.Tensor:
@@ -225,7 +161,13 @@ def _stats(
     host_checks: allowed to sync with the host (once per call) to repair rows with masked (-inf) logits;
     without it the repair is computed unconditionally (cheap for the small decode-step tensors).
     """
-    lf = logits.float()
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # fp32 even inside an autocast region
+        return _stats_fp32(logits.float(), host_checks)
+
+
+def _stats_fp32(
+    lf: torch.Tensor, host_checks: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p = torch.softmax(lf, dim=-1)
     top, argmax = lf.max(dim=-1)  # first maximal index, as `generate`'s torch.argmax
     lse = top - torch.log(p.gather(-1, argmax.unsqueeze(-1)).squeeze(-1))

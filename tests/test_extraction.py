@@ -410,3 +410,45 @@ def test_prefix_shared_suffix_nll_equals_the_full_teacher_forced_pass(arch):
     one = suffix_nll_after_prefix(model, prefix, suffixes[:, :1])
     logp = torch.log_softmax(model(prefix[None]).logits[0, -1].detach().double(), -1)
     np.testing.assert_allclose(one, -logp[suffixes[:, 0]].numpy(), atol=1e-5)
+
+
+def test_statistics_stay_fp32_inside_autocast():
+    from memwatch.extraction import _stats
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 300, generator=g) * 12
+    plain = _stats(logits, host_checks=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _stats(logits, host_checks=True)
+    for a, b in zip(plain, auto, strict=True):
+        assert a.dtype == b.dtype and (a.dtype != torch.bfloat16)
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_disagreements_with_generate_are_near_ties():
+    """In bf16 our one-pass computation and generate's step-by-step one may pick different tokens only where the
+    top-1/top-2 margin is small: those rows are flagged."""
+    model = copy.deepcopy(trained_model("gpt2", K, M)).to(torch.bfloat16)
+    seqs = torch.cat(
+        [
+            memorizing_panel(K, M)[1],
+            torch.randint(0, VOCAB, (20, K + M), generator=torch.Generator().manual_seed(9)),
+        ]
+    )
+    res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, entropy_window=W)
+    with torch.no_grad():
+        ref = torch.stack(
+            [
+                model.generate(
+                    r[None, :K],
+                    attention_mask=torch.ones(1, K, dtype=torch.long),
+                    max_new_tokens=M,
+                    do_sample=False,
+                    pad_token_id=0,
+                )[0, K:]
+                for r in seqs
+            ]
+        ).numpy()
+    differ = (res.generated != ref).any(axis=1)
+    assert res.near_tie[differ].all(), np.flatnonzero(differ & ~res.near_tie)
+    assert res.exact[:4].all()

@@ -1,0 +1,75 @@
+"""ExtractionResult: the per-sequence results of an extraction (numpy only, so reading a history needs no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = ["ExtractionResult"]
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """Per-sequence results of `extract`, numpy arrays in input row order.
+
+    `generated`, `match_ratio` and `edit_similarity` are None in mode "exact" (no free decoding).
+    Entropy column j is the entropy (nats) of the distribution predicting token k - w + j: teacher-forced on the
+    true sequence for j < w, along the greedy path for j >= w (teacher-forced on the true suffix in mode "exact").
+    """
+
+    prefix_len: int
+    suffix_len: int
+    entropy_window: int
+    mode: str
+    generated: np.ndarray | None  # int64 [N, m]
+    exact: np.ndarray  # bool [N]
+    match_ratio: np.ndarray | None  # float32 [N]
+    prefix_match_len: np.ndarray  # int64 [N]
+    edit_similarity: np.ndarray | None  # float32 [N]
+    entropy: np.ndarray  # float32 [N, w + m]
+    suffix_nll: np.ndarray  # float32 [N]
+    near_tie: np.ndarray  # bool [N]
+
+    ARRAY_FIELDS = (
+        "generated",
+        "exact",
+        "match_ratio",
+        "prefix_match_len",
+        "edit_similarity",
+        "entropy",
+        "suffix_nll",
+        "near_tie",
+    )
+
+    def __len__(self) -> int:
+        return int(self.exact.shape[0])
+
+    def select(self, rows: np.ndarray | Sequence[int] | slice) -> ExtractionResult:
+        """The result restricted to `rows` (indices, a boolean mask or a slice), in that order."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in self.ARRAY_FIELDS:
+            value = kw[name]
+            kw[name] = None if value is None else value[rows]
+        return ExtractionResult(**kw)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ExtractionResult]) -> ExtractionResult:
+        """Stack results computed with the same settings, rows in the order given."""
+        if not parts:
+            raise ValueError("concat needs at least one ExtractionResult")
+        first = parts[0]
+        kw = {f.name: getattr(first, f.name) for f in fields(first)}
+        for p in parts[1:]:
+            if (p.prefix_len, p.suffix_len, p.entropy_window, p.mode) != (
+                first.prefix_len,
+                first.suffix_len,
+                first.entropy_window,
+                first.mode,
+            ):
+                raise ValueError("concat: results differ in prefix_len, suffix_len, entropy_window or mode")
+        for name in cls.ARRAY_FIELDS:
+            values = [getattr(p, name) for p in parts]
+            kw[name] = None if values[0] is None else np.concatenate(values, axis=0)
+        return ExtractionResult(**kw)
