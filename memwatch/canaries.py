@@ -377,10 +377,12 @@ def make_canaries(
             f"texts=[...] gives one canary per text: {len(tiers)} tiers x {per_tier} per tier x 2 (inserted and twin) "
             f"= {2 * per_tier * len(tiers)} texts are needed, got {len(user_texts)}"
         )
-    for tier in tiers:
+    for t_index, tier in enumerate(tiers):
         for inserted in (True, False):
             for i in range(per_tier):
-                family = families[(slot + i) % len(families)] if texts is None else "texts"
+                # Inserted canaries and their twins get the same families in the same order (twins are drawn from
+                # the same distribution); the sequence rotates across tiers so every family appears.
+                family = families[(t_index * per_tier + i) % len(families)] if texts is None else "texts"
                 if family == "random_tokens":
                     assert pool is not None
                     toks = [int(t) for t in rng.choice(pool, k + m)]

@@ -297,3 +297,18 @@ def test_preflight_finds_canaries_as_trained_and_reports_problems():
         preflight(long_ctx, cut, prefix_len=16, suffix_len=4)
     with pytest.raises(CanaryError, match="suffix_len is 8"):
         preflight(man2, data, prefix_len=16, suffix_len=8)
+
+
+@pytest.mark.parametrize("per_tier", [1, 2, 3])
+def test_twins_share_their_canaries_families(per_tier):
+    """Twins are the control: in every tier they come from the same families as the inserted canaries."""
+    from collections import Counter
+
+    man = make_canaries(
+        ByteTokenizer(), tiers=(1, 4, 16, 64), per_tier=per_tier, prefix_len=12, secret_len=4, references=2
+    )
+    for tier in (1, 4, 16, 64):
+        ins = Counter(c.family for c in man.canaries if c.repetitions == tier and c.inserted)
+        twn = Counter(c.family for c in man.canaries if c.repetitions == tier and not c.inserted)
+        assert ins == twn, (tier, ins, twn)
+    assert {c.family for c in man.canaries} == {"digits", "password"}  # both families appear, any per_tier
