@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -103,15 +104,16 @@ class AlertEngine:
         text = self.describe(i)
         return f" [{text}]" if text else ""
 
-    def _crossed(self, key: tuple[str, str], value: float, threshold: float) -> bool:
-        """Fires once when value reaches threshold; re-arms when it falls below threshold * (1 - hysteresis)."""
+    def _reached(self, key: tuple[str, str], value: float, threshold: float) -> bool:
+        """True while armed and value >= threshold. An alert that fires disarms the key (see _disarm); it re-arms
+        once the value falls below threshold * (1 - hysteresis). A crossing held back by the cooldown stays armed."""
         armed = self.armed.get(key, True)
-        if armed and value >= threshold:
-            self.armed[key] = False
-            return True
         if not armed and value < threshold * (1 - self.config.hysteresis):
-            self.armed[key] = True
-        return False
+            self.armed[key] = armed = True
+        return armed and value >= threshold
+
+    def _disarm(self, key: tuple[str, str]) -> None:
+        self.armed[key] = False
 
     # --- rules -----------------------------------------------------------------------------------------------
 
@@ -129,10 +131,11 @@ class AlertEngine:
 
         def probes_alert(
             rule: str, rows: Sequence[int], message: str, group: str | None, data: dict[str, Any]
-        ) -> None:
+        ) -> list[int]:
+            """One alert for the rows outside their cooldown; returns the rows it names."""
             rows = [i for i in rows if self._cool((rule, record.probe_ids[i]))]
             if not rows:
-                return
+                return []
             names = ", ".join(
                 _fmt_probe(record.probe_ids[i], record.metas[i]) + self._text(i) for i in rows[:10]
             )
@@ -148,6 +151,7 @@ class AlertEngine:
                     data,
                 )
             )
+            return rows
 
         if cfg.canary_extracted:
             rows = np.flatnonzero(newly & (groups == "canary")).tolist()
@@ -175,7 +179,8 @@ class AlertEngine:
             if st is None or not st.n:
                 continue
             rate = st.extraction_rate
-            if self._crossed(("extraction_rate", g), rate, threshold) and self._cool(("extraction_rate", g)):
+            if self._reached(("extraction_rate", g), rate, threshold) and self._cool(("extraction_rate", g)):
+                self._disarm(("extraction_rate", g))
                 alerts.append(
                     Alert(
                         step,
@@ -225,11 +230,11 @@ class AlertEngine:
             crossed = []
             for i in np.flatnonzero(groups == "canary"):
                 value = float(record.exposure[i])
-                if math.isfinite(value) and self._crossed(
+                if math.isfinite(value) and self._reached(
                     ("exposure", record.probe_ids[i]), value, cfg.exposure_bits
                 ):
                     crossed.append(int(i))
-            probes_alert(
+            fired = probes_alert(
                 "exposure",
                 crossed,
                 f"step {step}: {{n}} inserted canary(ies) reached an exposure of {cfg.exposure_bits:g} bits or more "
@@ -237,6 +242,8 @@ class AlertEngine:
                 "canary",
                 {"exposure": {record.probe_ids[i]: float(record.exposure[i]) for i in crossed}},
             )
+            for i in fired:
+                self._disarm(("exposure", record.probe_ids[i]))
         self.prev_exact = exact.copy()
         return alerts
 
@@ -303,12 +310,8 @@ class WebhookSink:
             if attempt < self.retries:
                 time.sleep(min(2.0, 0.25 * 2**attempt))
         self.failures += 1
-        log.warning(
-            "memwatch: webhook %s failed after %d attempt(s): %s",
-            self.url.split("?")[0],
-            self.retries + 1,
-            last,
-        )
+        host = urllib.parse.urlsplit(self.url).netloc  # the path of a Slack-style URL is its secret
+        log.warning("memwatch: webhook to %s failed after %d attempt(s): %s", host, self.retries + 1, last)
 
     def close(self, grace: float = 5.0) -> None:
         deadline = time.monotonic() + grace
@@ -352,6 +355,7 @@ def jsonl_sink(path: str) -> Callable[[Alert], None]:
 
     def write(alert: Alert) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a file that already existed keeps its mode under O_CREAT: make it private too
         with os.fdopen(fd, "a") as f:
             f.write(json.dumps(alert.to_dict(), default=str) + "\n")
 

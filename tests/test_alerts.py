@@ -318,3 +318,51 @@ def test_hanging_webhook_never_blocks():
         assert sink.failures == 1 and sink.sent == 0 and len(server.bodies) == 2
     finally:
         server.close()
+
+
+def test_a_crossing_held_back_by_the_cooldown_fires_when_it_ends():
+    cfg = AlertConfig(
+        extraction_rate={"train": 0.5},
+        spike=False,
+        leak=False,
+        canary_extracted=False,
+        exposure_bits=None,
+        cooldown=2,
+        hysteresis=0.2,
+    )
+    engine = AlertEngine(cfg)
+    sim = Sim(["train"] * 10)
+    rates = [
+        0.6,
+        0.2,
+        0.7,
+        0.7,
+        0.7,
+    ]  # fires, re-arms, crosses again inside the cooldown, still above after it
+    fired = run(engine, sim, [{"exact": [i < int(r * 10) for i in range(10)]} for r in rates])
+    assert fired == [["extraction_rate"], [], [], ["extraction_rate"], []]
+
+
+def test_failed_webhooks_never_log_the_url_path(caplog):
+    from memwatch.alerts import Alert
+
+    sink = WebhookSink("http://127.0.0.1:9/services/T000/B000/SECRET", timeout=0.2, retries=0)
+    with caplog.at_level("WARNING", logger="memwatch"):
+        sink(Alert(1, "spike", "train", [], "m"))
+        sink.close(3)
+    assert sink.failures == 1 and "127.0.0.1:9" in caplog.text and "SECRET" not in caplog.text
+
+
+def test_console_alerts_show_brackets_as_text():
+    import io
+
+    from rich.console import Console
+
+    from memwatch.alerts import Alert
+    from memwatch.reporters.console import ConsoleReporter
+
+    out = io.StringIO()
+    reporter = ConsoleReporter(Console(file=out, width=200, color_system=None))
+    reporter.alert(Alert(3, "leak", "heldout", ["p"], "step 3: p0 [prefix 'a[/]b', suffix 'c']"))
+    reporter.warn("writing [the history] failed")
+    assert "[prefix 'a[/]b', suffix 'c']" in out.getvalue() and "[the history]" in out.getvalue()

@@ -101,12 +101,24 @@ class ConsoleReporter:
             self.console.print(tier_table(record.tiers))
 
     def alert(self, alert: Any) -> None:
+        from rich.markup import escape
         from rich.panel import Panel
 
-        action = f"\n[bold]action:[/] {alert.action}" if alert.action else ""
+        # Messages may quote text with brackets (reveal_text=True): escape them, never read them as markup.
+        action = f"\n[bold]action:[/] {escape(alert.action)}" if alert.action else ""
         self.console.print(
-            Panel(f"{alert.message}{action}", title=f"memwatch alert · {alert.rule}", border_style="red")
+            Panel(
+                f"{escape(alert.message)}{action}",
+                title=f"memwatch alert · {escape(alert.rule)}",
+                border_style="red",
+            )
         )
+
+    def warn(self, message: str) -> None:
+        """A visible warning in bold red (the message is printed as text, not markup)."""
+        from rich.markup import escape
+
+        self.console.print(f"[bold red]{escape(message)}[/]")
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
