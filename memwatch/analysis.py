@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import metrics
+from .evaluation import EvalRecord, ProbeTracker, build_record, result_buckets
 from .history import HistoryError, HistoryStore
+from .result import ExtractionResult
 
 __all__ = ["History", "RunData", "report_dict", "resolve_history_path"]
 
@@ -80,22 +82,65 @@ class RunData:
         present = list(dict.fromkeys(self.groups.tolist()))
         return [g for g in GROUP_ORDER if g in present] + [g for g in present if g not in GROUP_ORDER]
 
+    def result(self, e: int) -> ExtractionResult:
+        """Evaluation e as the ExtractionResult it was recorded from."""
+        spec = self.specs[e]
+        ratio = None if np.isnan(self.match_ratio[e]).all() else self.match_ratio[e].astype(np.float32)
+        sim = None if np.isnan(self.edit_similarity[e]).all() else self.edit_similarity[e].astype(np.float32)
+        return ExtractionResult(
+            prefix_len=int(spec["prefix_len"]),
+            suffix_len=int(spec["suffix_len"]),
+            entropy_window=int(spec["entropy_window"]),
+            mode=str(spec.get("mode", "full")),
+            generated=None if self.generated is None else self.generated[e],
+            exact=self.exact[e],
+            match_ratio=ratio,
+            prefix_match_len=self.prefix_match_len[e],
+            edit_similarity=sim,
+            entropy=self.entropy[e],
+            suffix_nll=self.suffix_nll[e].astype(np.float32),
+            near_tie=self.near_tie[e],
+        )
+
+    def records(self, tracker: ProbeTracker | None = None) -> Iterator[tuple[int, EvalRecord]]:
+        """(index, EvalRecord) per evaluation, replayed through the live record building (transitions, boundary,
+        dose-response), advancing `tracker` (a fresh one by default)."""
+        tracker = tracker or ProbeTracker(len(self.ids))
+        for e, step in enumerate(self.steps.tolist()):
+            exposure = self.exposure[e] if np.isfinite(self.exposure[e]).any() else None
+            record = build_record(
+                step=step,
+                wall_time=0.0,
+                duration=0.0,
+                spec=self.specs[e],
+                probe_ids=self.ids,
+                groups=self.groups,
+                metas=self.metas,
+                result=self.result(e),
+                tracker=tracker,
+                memorized_threshold=self.memorized_threshold,
+                boundary_width=int(self.config.get("boundary_width", 4)),
+                exposure=exposure,
+            )
+            yield e, record
+
     def memorized(self) -> np.ndarray:
-        """bool [E, N]: exact, or match ratio >= the run's memorized_threshold."""
-        ratio = np.nan_to_num(self.match_ratio, nan=-1.0)
-        if self.memorized_threshold >= 1.0:
-            return self.exact.copy()
-        return self.exact | (ratio >= self.memorized_threshold)
+        """bool [E, N]: exact, or match ratio >= the run's memorized_threshold (metrics.memorized)."""
+        if not len(self.steps):
+            return np.zeros((0, len(self.ids)), dtype=bool)
+        threshold = self.memorized_threshold
+        return np.stack(
+            [
+                metrics.memorized(self.result(e).match_ratio, self.exact[e], threshold)
+                for e in range(len(self.steps))
+            ]
+        )
 
     def buckets(self) -> np.ndarray:
-        """int [E, N] bucket indices (prefix_match_len / m stands in where the match ratio is unknown)."""
-        m = max(1, int(self.specs[0]["suffix_len"])) if self.specs else 1
-        ratio = np.where(np.isnan(self.match_ratio), self.prefix_match_len / m, self.match_ratio)
-        return (
-            np.stack([metrics.bucket_of(ratio[e], self.exact[e]) for e in range(len(self.steps))])
-            if len(self.steps)
-            else np.zeros((0, len(self.ids)), dtype=np.int64)
-        )
+        """int [E, N] bucket indices (evaluation.result_buckets)."""
+        if not len(self.steps):
+            return np.zeros((0, len(self.ids)), dtype=np.int64)
+        return np.stack([result_buckets(self.result(e)) for e in range(len(self.steps))])
 
     def rows(self, group: str) -> np.ndarray:
         return np.flatnonzero(self.groups == group)
@@ -246,8 +291,8 @@ class History:
     def runs(self) -> list[dict[str, Any]]:
         return self.store.runs()
 
-    def run(self, which: int | str | None = None) -> RunData:
-        """A run by id or name (default: the latest)."""
+    def run(self, which: int | str | None = None, spec: dict[str, Any] | None = None) -> RunData:
+        """A run by id or name (default: the latest), with its evaluations of one spec (default: the latest one)."""
         runs = self.runs
         if not runs:
             raise HistoryError(f"{self.path} holds no runs yet")
@@ -259,13 +304,16 @@ class History:
                 names = ", ".join(f"{r['run_id']}:{r['name']}" for r in runs)
                 raise HistoryError(f"no run {which!r} in {self.path}; runs: {names}")
             info = matches[-1]
-        return self._load(info)
+        return self._load(info, spec)
 
-    def _load(self, info: dict[str, Any]) -> RunData:
+    def _load(self, info: dict[str, Any], spec: dict[str, Any] | None = None) -> RunData:
         from .history import decode_floats, decode_ints
 
         panel = self.store.panel(info["run_id"])
         evals = self.store.evals(info["run_id"])
+        if evals and spec is None:
+            spec = evals[-1]["spec"]  # a run measured with several specs: the latest one, like with like
+        evals = [e for e in evals if spec is None or e["spec"] == spec]
         ids = [p["id"] for p in panel]
         index = {pid: i for i, pid in enumerate(ids)}
         e, n = len(evals), len(ids)

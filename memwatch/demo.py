@@ -109,7 +109,6 @@ def _chunks(data: bytes, n: int) -> list[list[int]]:
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Train, watch, summarize. Returns the summary (also printed)."""
-    import numpy as np
     import torch
     from rich.console import Console
     from transformers import Trainer, TrainingArguments
@@ -183,7 +182,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     elapsed = time.time() - t0
     summary = _summary(callback, settings, elapsed)
     _print_summary(console, summary, settings)
-    del np
     return summary
 
 

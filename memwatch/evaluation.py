@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .extraction import ExtractionResult
+from .result import ExtractionResult
 
 __all__ = ["EvalRecord", "GroupStats", "ProbeTracker", "build_record", "result_buckets", "tier_rows"]
 

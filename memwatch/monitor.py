@@ -75,7 +75,12 @@ class Cadence:
 
     def due(self, step: int) -> bool:
         if self.interval is None:
-            return False
+            # Adaptive with no known evaluation cost (no baseline, or nothing to go by after a resume): evaluate
+            # once right after the warm-up, which measures it.
+            ready = (
+                self.fixed is None and self.eval_cost is None and len(self.step_times) >= self.warmup_steps
+            )
+            return ready and step != self.last_step
         return step % self.interval == 0 and step != self.last_step
 
     def evaluated(self, step: int, seconds: float) -> None:
@@ -227,9 +232,11 @@ class Monitor:
                     raise SetupError(str(exc)) from exc
         except SetupError as exc:
             state = {"error": str(exc)}
+            self.close()  # nothing stays open behind a failed setup
             raise
         except Exception as exc:
             state = {"error": f"memwatch could not start: {type(exc).__name__}: {exc}"}
+            self.close()
             raise
         finally:
             # Every rank learns the outcome, so no rank waits forever for a panel that will not come.
@@ -303,53 +310,21 @@ class Monitor:
         """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
         from .analysis import History
 
-        assert self.history is not None
+        assert self.history is not None and self.panel is not None
         with History(self.history.path) as h:
-            run = h.run(self.run_id)
-        from .extraction import ExtractionResult
-
-        for e, step in enumerate(run.steps.tolist()):
-            spec = run.specs[e]
-            if spec != self.config.spec() or run.ids != self.panel.ids:  # type: ignore[union-attr]
-                continue
-            ratio = None if np.isnan(run.match_ratio[e]).all() else run.match_ratio[e].astype(np.float32)
-            sim = (
-                None if np.isnan(run.edit_similarity[e]).all() else run.edit_similarity[e].astype(np.float32)
-            )
-            result = ExtractionResult(
-                prefix_len=int(spec["prefix_len"]),
-                suffix_len=int(spec["suffix_len"]),
-                entropy_window=int(spec["entropy_window"]),
-                mode=str(spec["mode"]),
-                generated=run.generated[e] if run.generated is not None else None,
-                exact=run.exact[e],
-                match_ratio=ratio,
-                prefix_match_len=run.prefix_match_len[e],
-                edit_similarity=sim,
-                entropy=run.entropy[e],
-                suffix_nll=run.suffix_nll[e].astype(np.float32),
-                near_tie=run.near_tie[e],
-            )
-            exposure = run.exposure[e] if np.isfinite(run.exposure[e]).any() else None
-            record = build_record(
-                step=step,
-                wall_time=0.0,
-                duration=0.0,
-                spec=spec,
-                probe_ids=run.ids,
-                groups=run.groups,
-                metas=run.metas,
-                result=result,
-                tracker=self.tracker,
-                memorized_threshold=self.config.memorized_threshold,
-                boundary_width=self.config.boundary_width,
-                exposure=exposure,
-            )
+            run = h.run(self.run_id, spec=self.config.spec())
+        if run.ids != self.panel.ids:
+            return
+        for _e, record in run.records(self.tracker):
             if self.alert_engine is not None:
                 self.alert_engine.evaluate(record)  # state only: these alerts were delivered before
-            self.evaluated_steps.append(step)
-            self.cadence.last_step = step
+            self.evaluated_steps.append(record.step)
+            self.cadence.last_step = record.step
             self.last_record = record
+        # The cost of an evaluation, so the adaptive cadence can pick an interval without measuring again.
+        durations = [e["duration"] for e in self.history.evals(self.run_id) if e.get("duration")]
+        if durations:
+            self.cadence.eval_cost = float(np.mean(durations[-3:]))
 
     def _build_panel(self, train_data: Any, eval_data: Any, collator: Any) -> Panel:
         cfg = self.config
@@ -525,8 +500,13 @@ class Monitor:
             "logging",
             lambda a: logging.getLogger("memwatch.alerts").log(level, "memwatch alert: %s", a.message),
         )
-        if acfg.jsonl:
-            sinks.add("jsonl", jsonl_sink(os.path.join(self.output_dir, "alerts.jsonl")))
+        if acfg.jsonl:  # beside the history
+            where = (
+                os.path.dirname(os.path.abspath(self.history.path))
+                if self.history is not None
+                else self.output_dir
+            )
+            sinks.add("jsonl", jsonl_sink(os.path.join(where, "alerts.jsonl")))
         if self.history is not None and self.run_id is not None:
             history, run_id = self.history, self.run_id
             sinks.add(
@@ -608,6 +588,7 @@ class Monitor:
         cfg = self.config
         t0 = time.perf_counter()
         record = None
+        error: Exception | None = None
         try:
             result, exposure = self._measure(model, progress)
             record = build_record(
@@ -630,25 +611,35 @@ class Monitor:
                 self._alert(record)
             self.consecutive_failures = 0
         except Exception as exc:
+            error = exc
             self._failed(exc, step)
             record = None
         duration = time.perf_counter() - t0
-        # Rank 0 decides: what the alerts asked for, and the next interval.
+        self.cadence.evaluated(step, duration)
+        # Rank 0 decides for every rank: whether the evaluation counts, what the alerts asked for, the next
+        # interval, and (strict) the error. Ranks that acted on their own would part ways at the next collective.
         decided = distributed.broadcast(
             {
+                "ok": record is not None,
                 "actions": sorted(record.actions) if record is not None else [],
                 "disabled": self.disabled,
                 "duration": duration,
+                "interval": self.cadence.interval,
+                "eval_cost": self.cadence.eval_cost,
+                "error": None if error is None else f"{type(error).__name__}: {error}",
             }
         )
+        self.cadence.interval, self.cadence.eval_cost = decided["interval"], decided["eval_cost"]
+        self.disabled = self.disabled or decided["disabled"]
+        self._paused += duration
+        if cfg.strict and decided["error"] is not None:
+            raise error if error is not None else EvaluationError(f"on rank 0: {decided['error']}")
+        if not decided["ok"]:
+            return None
+        self.evaluated_steps.append(step)
         if record is not None:
             record.actions = set(decided["actions"])
-            record.duration = duration
-        self.disabled = self.disabled or decided["disabled"]
-        self.cadence.evaluated(step, decided["duration"])
-        self._paused += duration
-        if record is not None:
-            self.evaluated_steps.append(step)
+            record.duration = decided["duration"]
         return record
 
     def _extract(self, model: Any, tokens: np.ndarray, progress: Any, sync: Any) -> Any:
@@ -766,7 +757,7 @@ class Monitor:
             log.warning("memwatch: evaluation failed again (%s)", what)
         self._record_incident(step, "monitor_error", f"memwatch evaluation failed at {what}")
         if cfg.strict:
-            raise exc
+            return  # evaluate re-raises once every rank knows
         if self.consecutive_failures >= cfg.max_failures:
             self.disabled = True
             message = (
@@ -775,7 +766,7 @@ class Monitor:
             )
             log.warning(message)
             if self.console is not None:
-                self.console.print(f"[bold red]{message}[/]")
+                self.console.warn(message)
             self._record_incident(step, "monitor_disabled", message)
 
     def _record_incident(self, step: int, rule: str, message: str) -> None:
@@ -798,12 +789,18 @@ class Monitor:
     def _exposure(self, model: Any, result: Any, rows: np.ndarray, sync: Any = None) -> np.ndarray:
         """Exposure of every canary and twin among `rows` (panel indices, in the order of `result`): its secret
         ranked among R references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
-        from .extraction import suffix_nll_after_prefix
+        from .extraction import _auto_batch_size, suffix_nll_after_prefix
         from .metrics import exposure
+        from .modeling import inspect_model
 
         cfg = self.config
         k, m = cfg.prefix_len, cfg.suffix_len
         assert self.panel is not None and self._tokens is not None
+        # One batch size for the whole pass, planned for R + 1 candidates, so that the rows a synced rank only pads
+        # (no canary of its own) run the same batches as the canaries on other ranks.
+        bs = self.batch_size or _auto_batch_size(
+            inspect_model(model), cfg.exposure_references + 1, k, m, 0, "exact", 4, None
+        )
         out = np.full(len(rows), np.nan)
         for j, i in enumerate(rows.tolist()):
             probe = self.panel.probes[i]
@@ -811,22 +808,13 @@ class Monitor:
             if not refs or "canary_id" not in probe.meta:
                 if sync is not None:  # keep the forward count equal across ranks
                     suffix_nll_after_prefix(
-                        model,
-                        self._tokens[i, :k],
-                        self._tokens[i : i + 1, k:],
-                        sync=sync,
-                        batch_size=self.batch_size,
+                        model, self._tokens[i, :k], self._tokens[i : i + 1, k:], sync=sync, batch_size=bs
                     )
                 continue
             refs_arr = np.asarray(refs[: cfg.exposure_references], dtype=np.int64)[:, :m]
             candidates = np.concatenate([self._tokens[i : i + 1, k:], refs_arr])  # the secret first
             nll = suffix_nll_after_prefix(
-                model,
-                self._tokens[i, :k],
-                candidates,
-                batch_size=self.batch_size,
-                amp_dtype=self.amp_dtype,
-                sync=sync,
+                model, self._tokens[i, :k], candidates, batch_size=bs, amp_dtype=self.amp_dtype, sync=sync
             )
             out[j] = exposure(float(nll[0]), nll[1:])
         return out
@@ -882,7 +870,7 @@ class Monitor:
                         exc_info=exc,
                     )
                     if self.console is not None and name != "console":
-                        self.console.print(f"[bold red]memwatch: writing the {name} failed: {what}[/]")
+                        self.console.warn(f"memwatch: writing the {name} failed: {what}")
                 if name != "history":
                     self._record_incident(
                         record.step, "monitor_error", f"memwatch could not write the {name}: {what}"

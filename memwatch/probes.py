@@ -76,9 +76,6 @@ class Panel:
     def __iter__(self) -> Iterator[Probe]:
         return iter(self.probes)
 
-    def index(self, pid: str) -> int:
-        return self._index[pid]
-
     @property
     def ids(self) -> list[str]:
         return [p.id for p in self.probes]
@@ -147,13 +144,14 @@ def _to_list(value: Any) -> list[int] | None:
 
 
 def example_tokens(
-    example: Any, collator: Callable[[list[Any]], Any] | None = None
-) -> tuple[list[int], list[bool]] | None:
+    example: Any, collator: Callable[[list[Any]], Any] | None = None, *, with_real: bool = False
+) -> Any:
     """(input_ids, trained) of one dataset example; trained[i] says whether token i receives loss.
 
     The collator, when given, is the authority (completion-only SFT collators mask the prompt there); it is
     called on a batch of one under rng_guard. Otherwise dataset labels (!= -100) decide, and padding
-    (attention_mask == 0) never counts. None if the example holds no token ids.
+    (attention_mask == 0) never counts. None if the example holds no token ids. with_real=True adds a third list:
+    which tokens are real text (not padding).
     """
     if isinstance(example, Mapping):
         ids = _to_list(example.get("input_ids"))
@@ -170,9 +168,9 @@ def example_tokens(
         collated = _collated_labels(collator, example, ids)
         if collated is not None:
             trained = collated
-    if attn is not None and len(attn) == len(ids):
-        trained = [t and bool(a) for t, a in zip(trained, attn, strict=True)]
-    return ids, trained
+    real = [bool(a) for a in attn] if attn is not None and len(attn) == len(ids) else [True] * len(ids)
+    trained = [t and r for t, r in zip(trained, real, strict=True)]
+    return (ids, trained, real) if with_real else (ids, trained)
 
 
 def _collated_labels(
@@ -201,13 +199,17 @@ def _collated_labels(
     return None
 
 
-def _window_starts(trained: list[bool], n_tokens: int, k: int, m: int) -> list[int]:
-    """Starts s with s + k + m <= len whose suffix [s+k, s+k+m) is entirely trained and whose prefix is real text."""
+def _window_starts(trained: list[bool], real: list[bool], n_tokens: int, k: int, m: int) -> list[int]:
+    """Starts s with s + k + m <= len whose suffix [s+k, s+k+m) is entirely trained and whose whole window is real
+    text (no padding)."""
     if n_tokens < k + m:
         return []
-    bad = np.cumsum([0] + [not t for t in trained])  # bad[i] = untrained tokens before i
+    untrained = np.cumsum([0] + [not t for t in trained])  # untrained[i] = untrained tokens before i
+    padding = np.cumsum([0] + [not r for r in real])
     starts = np.arange(0, n_tokens - (k + m) + 1)
-    ok = bad[starts + k + m] - bad[starts + k] == 0
+    ok = (untrained[starts + k + m] - untrained[starts + k] == 0) & (
+        padding[starts + k + m] - padding[starts] == 0
+    )
     return starts[ok].tolist()
 
 
@@ -264,11 +266,11 @@ def sample_windows(
             if len(probes) >= n:
                 return probes
             if round_ == 0:
-                parsed = example_tokens(get(idx), collator)
+                parsed = example_tokens(get(idx), collator, with_real=True)
                 if parsed is None:
                     continue
-                ids, trained = parsed
-                starts = _window_starts(trained, len(ids), k, m)
+                ids, trained, real = parsed
+                starts = _window_starts(trained, real, len(ids), k, m)
                 if not starts:
                     continue
                 candidates[idx] = (ids, starts)

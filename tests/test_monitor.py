@@ -154,3 +154,33 @@ def test_user_text_probes_with_a_tokenizer_and_short_ones_filtered(tmp_path, cap
     rec = monitor.evaluate(trained_model("gpt2", 16, 16), 0)
     assert rec.result.entropy.shape == (1, 7 + 8)
     assert np.isfinite(rec.result.suffix_nll).all()
+
+
+def test_adaptive_cadence_measures_when_it_has_no_cost_yet():
+    c = Cadence(every_n_steps=None, max_overhead=0.02, warmup_steps=3)
+    assert not c.due(1)
+    for _ in range(3):
+        c.add_step_time(0.1)
+    assert c.due(4)  # no evaluation cost known (no baseline): evaluate once to measure it
+    c.evaluated(4, 0.5)
+    assert c.interval == 500 and not c.due(5) and c.due(500)
+
+
+def test_resumed_monitor_keeps_its_adaptive_cadence(tmp_path):
+    model = trained_model("gpt2", 16, 16)
+    train, _ = memorizing_panel(16, 16)
+    data = [{"input_ids": r.tolist()} for r in train]
+    cfg = MonitorConfig(prefix_len=16, suffix_len=16, console=False, max_overhead=0.5, run_name="adaptive")
+    first = Monitor(cfg)
+    first.setup(model, output_dir=tmp_path, train_data=data)
+    first.evaluate(model, 0)
+    first.evaluate(model, 10)
+    first.close()
+    resumed = Monitor(cfg)
+    resumed.setup(model, output_dir=tmp_path, train_data=data, start_step=10)
+    assert resumed.evaluated_steps == [0, 10]
+    assert resumed.cadence.eval_cost is not None  # seeded from the recorded durations
+    for step in range(11, 12 + resumed.cadence.warmup_steps):  # the first call only starts the clock
+        resumed.on_step(model, step)
+    assert resumed.cadence.interval is not None  # so evaluations go on after a resume
+    resumed.close()

@@ -134,3 +134,10 @@ def test_user_probes_and_tokens_of_examples():
     assert example_tokens({"input_ids": torch.tensor([[1, 2]])}) == ([1, 2], [True, True])
     assert example_tokens([3, 4]) == ([3, 4], [True, True])
     assert example_tokens({"text": "no ids"}) is None
+
+
+def test_windows_never_include_padding_in_the_prefix():
+    ids = [0] * 10 + list(range(1, 71))  # left-padded
+    data = [{"input_ids": ids, "attention_mask": [0] * 10 + [1] * 70, "labels": [-100] * 10 + ids[10:]}]
+    probes = sample_windows(data, 5, prefix_len=16, suffix_len=16, group="train", seed=0, window="random")
+    assert probes and all(p.meta["start"] >= 10 and 0 not in p.tokens for p in probes)

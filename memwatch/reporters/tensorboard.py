@@ -39,7 +39,11 @@ GROUP_TAGS: tuple[tuple[str, str, str], ...] = (
         "mean entropy of the first j generated minus the last j prefix positions",
     ),
     ("entropy_pre/<bucket>", "scalar", "mean entropy over the last j prefix positions (teacher-forced)"),
-    ("entropy_post/<bucket>", "scalar", "mean entropy over the first j generated positions (greedy path)"),
+    (
+        "entropy_post/<bucket>",
+        "scalar",
+        "mean entropy over the first j generated positions (greedy path; teacher-forced in mode exact)",
+    ),
     ("mean_exposure", "scalar", "mean canary exposure in bits (canary groups, when exposure is computed)"),
     ("match_ratio", "histogram", "match ratios of the group's probes"),
     ("entropy_profile", "image", "mean entropy profile per bucket across the boundary"),
@@ -176,13 +180,6 @@ class TensorBoardReporter:
         self.writer.add_text(f"{PREFIX}/{tag}", text, step)
         self.writer.flush()
 
-    def write_scalars(self, values: dict[str, float], step: int) -> None:
-        """Extra scalars under memwatch/ (e.g. canary tiers)."""
-        for tag, value in values.items():
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.writer.add_scalar(f"{PREFIX}/{tag}", value, step)
-        self.writer.flush()
-
     def close(self) -> None:
         self.writer.close()
 
@@ -193,52 +190,12 @@ def export_history(history: Any, log_dir: str | os.PathLike[str]) -> list[str]:
     Each run goes to <log_dir>/<run name>; evaluations are replayed through the same record building, so the
     transitions, boundary statistics and dose-response tags are those the live monitor would have written.
     """
-    import numpy as np
-
-    from ..evaluation import ProbeTracker, build_record
-    from ..extraction import ExtractionResult
-
     written = []
     for run in history.all_runs():
         name = re.sub(r"[^A-Za-z0-9_.\-]", "_", run.name) or f"run{run.run_id}"
         path = os.path.join(os.fspath(log_dir), name)
         reporter = TensorBoardReporter(path, run.group_names())
-        tracker = ProbeTracker(len(run.ids))
-        for e, step in enumerate(run.steps.tolist()):
-            spec = run.specs[e]
-            ratio = None if np.isnan(run.match_ratio[e]).all() else run.match_ratio[e].astype(np.float32)
-            sim = (
-                None if np.isnan(run.edit_similarity[e]).all() else run.edit_similarity[e].astype(np.float32)
-            )
-            result = ExtractionResult(
-                prefix_len=int(spec["prefix_len"]),
-                suffix_len=int(spec["suffix_len"]),
-                entropy_window=int(spec["entropy_window"]),
-                mode=str(spec.get("mode", "full")),
-                generated=None if run.generated is None else run.generated[e],
-                exact=run.exact[e],
-                match_ratio=ratio,
-                prefix_match_len=run.prefix_match_len[e],
-                edit_similarity=sim,
-                entropy=run.entropy[e],
-                suffix_nll=run.suffix_nll[e].astype(np.float32),
-                near_tie=run.near_tie[e],
-            )
-            exposure = run.exposure[e] if np.isfinite(run.exposure[e]).any() else None
-            record = build_record(
-                step=step,
-                wall_time=0.0,
-                duration=0.0,
-                spec=spec,
-                probe_ids=run.ids,
-                groups=run.groups,
-                metas=run.metas,
-                result=result,
-                tracker=tracker,
-                memorized_threshold=run.memorized_threshold,
-                boundary_width=int(run.config.get("boundary_width", 4)),
-                exposure=exposure,
-            )
+        for _e, record in run.records():
             reporter.write(record)
         for alert in history.store.alerts(run.run_id):
             reporter.write_text("alerts", f"**{alert['rule']}** — {alert['message']}", alert["step"])
