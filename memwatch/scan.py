@@ -124,13 +124,16 @@ def load_probes(path: str, *, tokenizer: Any = None, run: str | None = None) -> 
         except HistoryError as exc:
             raise ScanError(str(exc)) from exc
         return [Probe(tuple(p["tokens"]), p["group"], p["meta"]) for p in panel], None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read(4096).lstrip()
-    if text.startswith("{") and '"canaries"' in text and '"references"' in text:
+    try:
+        with open(path, encoding="utf-8") as f:
+            whole = json.load(f)  # a manifest is one JSON object; JSONL with several lines is not
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = None
+    if isinstance(whole, dict) and "canaries" in whole and "references" in whole:
         try:
-            return [], CanaryManifest.load(path)
-        except CanaryError as exc:
-            raise ScanError(str(exc)) from exc
+            return [], CanaryManifest.from_dict(whole)
+        except (CanaryError, KeyError, TypeError) as exc:
+            raise ScanError(f"{path} is not a valid canary manifest: {exc}") from exc
     rows = _read_jsonl(path)
     items = []
     for n, row in enumerate(rows, 1):
@@ -222,6 +225,7 @@ def scan(
         heldout_probes=0,
         seed=seed,
         history_path=history,
+        strict=True,  # a checkpoint that cannot be evaluated fails the scan rather than leaving a silent gap
         output_dir=os.path.dirname(os.path.abspath(history)),
         tensorboard=False,
         console=False,
@@ -235,6 +239,7 @@ def scan(
     try:
         monitor.setup(model, train_data=train_data, run_name=name, model_name=ckpts[0].label, source="scan")
     except SetupError as exc:
+        monitor.close()
         raise ScanError(str(exc)) from exc
     done = monitor.recorded_steps()
     scanned, skipped = [], []
@@ -249,7 +254,12 @@ def scan(
                 on_checkpoint(ckpt, "start")
             if i > 0 or model is None:
                 model = _load_model(ckpt, device, dtype)
-            monitor.evaluate(model, ckpt.step, label=ckpt.label, progress=on_batch)
+            try:
+                monitor.evaluate(model, ckpt.step, label=ckpt.label, progress=on_batch)
+            except Exception as exc:
+                raise ScanError(
+                    f"evaluating {ckpt.label} (step {ckpt.step}) failed: {type(exc).__name__}: {exc}"
+                ) from exc
             model = None
             scanned.append(ckpt.step)
             if on_checkpoint:

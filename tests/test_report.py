@@ -249,3 +249,60 @@ def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
             cwd=tmp_path,
         )
         assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_history_library_api_and_pandas(tmp_path):
+    pd = pytest.importorskip("pandas")
+    from memwatch import History
+
+    path = tmp_path / "h.sqlite"
+    build_known_history(path)
+    with History(path) as h:
+        run = h.run("known")
+        assert run.steps.tolist() == [0, 10, 20] and run.exact.shape == (3, 4)
+        assert run.first_memorized().tolist() == [10, 20, -1, 10]
+        df = h.to_pandas()
+    assert isinstance(df, pd.DataFrame) and len(df) == 12
+    row = df[(df.step == 10) & (df.probe_id == "b")].iloc[0]
+    assert row.match_ratio == pytest.approx(0.75) and row.group == "train"
+
+
+def test_a_run_with_two_specs_reads_one(tmp_path):
+    from memwatch.analysis import History
+    from memwatch.history import HistoryStore
+
+    path = tmp_path / "h.sqlite"
+    build_known_history(path)
+    with HistoryStore(path) as h:  # the same run measured again at step 20 with another spec
+        spec2 = {**SPEC, "suffix_len": 2}
+        h.add_evaluation(
+            1,
+            20,
+            spec=spec2,
+            probe_ids=["a", "b", "c", "d"],
+            columns={
+                "exact": np.ones(4, bool),
+                "match_ratio": np.ones(4, np.float32),
+                "prefix_match_len": np.full(4, 2),
+                "suffix_nll": np.zeros(4, np.float32),
+                "near_tie": np.zeros(4, bool),
+                "entropy": np.zeros((4, 4), np.float32),
+                "generated": np.zeros((4, 2), np.int32),
+            },
+        )
+    with History(path) as h:
+        latest = h.run()
+        assert latest.specs == [spec2] and latest.steps.tolist() == [20] and latest.exact.all()
+        first = h.run(spec=SPEC)
+        assert first.steps.tolist() == [0, 10, 20]
+
+
+def test_json_report_does_not_import_torch(tmp_path):
+    path = tmp_path / "h.sqlite"
+    build_known_history(path)
+    code = (
+        f"import sys, io, contextlib\nfrom memwatch.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n"
+        f" assert main(['report', {str(path)!r}, '--format', 'json']) == 0\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

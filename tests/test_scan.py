@@ -239,3 +239,42 @@ def test_scan_samples_windows_from_a_dataset_file_and_scores_canaries(tmp_path, 
         run = h.run()
         assert run.group_names() == ["canary", "canary_heldout"]
         assert np.isfinite(run.exposure).all()  # exposure is scored in scans too
+
+
+def test_a_full_size_canary_manifest_is_recognized(tmp_path):
+    from memwatch.canaries import make_canaries
+
+    man = make_canaries(ByteTokenizer(), prefix_len=16, secret_len=8, references=200)  # the default tiers
+    path = man.save(tmp_path / "canaries.json")
+    assert os.path.getsize(path) > 16_384  # "references" lies far past the first few KiB of the file
+    items, loaded = load_probes(str(path))
+    assert items == [] and loaded is not None and len(loaded.canaries) == 16
+
+
+def test_a_checkpoint_that_fails_fails_the_scan(tmp_path, trained_with_checkpoints, monkeypatch, capsys):
+    import memwatch.extraction
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot evaluate")
+
+    probes = tmp_path / "ids.jsonl"
+    probes.write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
+    monkeypatch.setattr(memwatch.extraction, "extract", broken)
+    code = main(
+        [
+            "scan",
+            str(trained_with_checkpoints / "checkpoint-75"),
+            "--probes",
+            str(probes),
+            "--history",
+            str(tmp_path / "s.sqlite"),
+            "--prefix-len",
+            "16",
+            "--suffix-len",
+            "16",
+        ]
+    )
+    assert (
+        code == 2
+        and "checkpoint-75 (step 75) failed: RuntimeError: cannot evaluate" in capsys.readouterr().err
+    )
