@@ -4,7 +4,8 @@
 
 A tiny GPT-2 (built from a config, byte-level vocabulary) learns Python's standard library; a few canaries are
 inserted 64 times and their twins never. memwatch evaluates every 100 steps and writes
-runs/example/memwatch/{history.sqlite,tb}; the Trainer's own TensorBoard run lands in runs/example/runs.
+runs/example/memwatch/{history.sqlite,tb}; the Trainer's own TensorBoard run lands in runs/example/runs and its
+checkpoints (every --save-every steps) in runs/example/checkpoint-*, which examples/scan_checkpoints.py scans.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--out", default="runs/example")
+    ap.add_argument(
+        "--save-every",
+        type=int,
+        default=100,
+        help="checkpoint interval (0: none); scan_checkpoints.py reads them",
+    )
     args = ap.parse_args()
 
     # 1. Data: 128-byte chunks of standard-library source, tokenized as bytes (ids 0..255).
@@ -44,7 +51,17 @@ def main() -> None:
                 train_rows.insert(rng.randrange(len(train_rows)), (tokens + rng.choice(train_rows))[:128])
 
     # 3. The model, built from a config: no download.
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=128, n_embd=128, n_layer=4, n_head=4))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=257,
+            n_positions=128,
+            n_embd=128,
+            n_layer=4,
+            n_head=4,
+            bos_token_id=256,
+            eos_token_id=256,
+        )
+    )
 
     # 4. memwatch: one callback. Everything else is an ordinary Trainer setup.
     memwatch = MemWatchCallback(
@@ -60,7 +77,8 @@ def main() -> None:
             learning_rate=2e-3,
             lr_scheduler_type="cosine",
             logging_steps=50,
-            save_strategy="no",
+            save_strategy="steps" if args.save_every else "no",
+            save_steps=args.save_every or 500,
             report_to=["tensorboard"],
             use_cpu=True,
             seed=0,

@@ -3,7 +3,7 @@
 from dataclasses import fields
 from pathlib import Path
 
-from memwatch import MonitorConfig
+from memwatch import AlertConfig, MonitorConfig
 from memwatch.reporters.tensorboard import tag_table
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -15,7 +15,9 @@ def test_tag_table_is_current():
 
 
 def test_every_config_field_is_documented():
-    missing = [f.name for f in fields(MonitorConfig) if f"`{f.name}`" not in README]
+    missing = [
+        f.name for cls in (MonitorConfig, AlertConfig) for f in fields(cls) if f"`{f.name}`" not in README
+    ]
     assert not missing, missing
 
 
