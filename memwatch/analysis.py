@@ -67,6 +67,8 @@ class RunData:
     entropy: np.ndarray  # float32 [E, N, w + m]
     generated: np.ndarray | None  # int [E, N, m] or None
     specs: list[dict[str, Any]]
+    wall_times: np.ndarray | None = None  # float [E]: when each evaluation ran (unix seconds)
+    durations: np.ndarray | None = None  # float [E]: seconds each evaluation took (0 where unknown)
 
     @property
     def memorized_threshold(self) -> float:
@@ -110,8 +112,8 @@ class RunData:
             exposure = self.exposure[e] if np.isfinite(self.exposure[e]).any() else None
             record = build_record(
                 step=step,
-                wall_time=0.0,
-                duration=0.0,
+                wall_time=0.0 if self.wall_times is None else float(self.wall_times[e]),
+                duration=0.0 if self.durations is None else float(self.durations[e]),
                 spec=self.specs[e],
                 probe_ids=self.ids,
                 groups=self.groups,
@@ -291,6 +293,11 @@ class History:
     def runs(self) -> list[dict[str, Any]]:
         return self.store.runs()
 
+    def require_runs(self) -> None:
+        """Raise HistoryError if the history holds no run (a file created by a monitor that never evaluated)."""
+        if not self.runs:
+            raise HistoryError(f"{self.path} holds no runs yet")
+
     def run(self, which: int | str | None = None, spec: dict[str, Any] | None = None) -> RunData:
         """A run by id or name (default: the latest), with its evaluations of one spec (default: the latest one)."""
         runs = self.runs
@@ -373,6 +380,8 @@ class History:
             entropy=entropy,
             generated=generated if any_generated else None,
             specs=[ev["spec"] for ev in evals],
+            wall_times=np.array([ev["wall_time"] or 0.0 for ev in evals], dtype=np.float64),
+            durations=np.array([ev["duration"] or 0.0 for ev in evals], dtype=np.float64),
         )
 
     def all_runs(self) -> list[RunData]:

@@ -89,6 +89,7 @@ def _report(args: argparse.Namespace) -> int:
     from .analysis import History, report_dict
 
     with History(args.path) as history:
+        history.require_runs()
         if args.format == "json":
             text = json.dumps(report_dict(history), indent=1, allow_nan=False, default=str) + "\n"
         elif args.format == "csv":
@@ -143,6 +144,7 @@ def _export_tb(args: argparse.Namespace) -> int:
     from .reporters.tensorboard import export_history
 
     with History(args.path) as history:
+        history.require_runs()
         paths = export_history(history, args.out)
     for p in paths:
         print(f"wrote {p}")
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="memwatch-demo", help="output directory (default: ./memwatch-demo)")
     demo.add_argument("--every", type=int, default=100, help="evaluate every N steps (default: 100)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model, data and canaries (default: 0)")
     demo.add_argument("--no-live", action="store_true", help="print tables instead of a live display")
     demo.set_defaults(func=_demo)
 
@@ -204,12 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     scan.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
     scan.add_argument("--batch-size", type=int, help="rows per forward (default: from a memory budget)")
-    scan.add_argument("--prefix-len", type=int, default=32)
-    scan.add_argument("--suffix-len", type=int, default=32)
-    scan.add_argument("--entropy-window", type=int)
+    same = "default: the --probes history's own, else %s"
+    scan.add_argument("--prefix-len", type=int, help=same % 32)
+    scan.add_argument("--suffix-len", type=int, help=same % 32)
+    scan.add_argument("--entropy-window", type=int, help=same % "min(16, prefix-len - 1)")
     scan.add_argument("--mode", default="full", choices=["full", "exact"])
     scan.add_argument("--exposure-references", type=int, default=1000)
-    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--seed", type=int, default=0, help="seed of --sample-from's windows (default: 0)")
     scan.set_defaults(func=_scan)
 
     report = sub.add_parser(

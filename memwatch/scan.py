@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Checkpoint", "ScanError", "find_checkpoints", "load_probes", "scan"]
+__all__ = ["Checkpoint", "ScanError", "find_checkpoints", "history_spec", "load_probes", "scan"]
 
 
 class ScanError(ValueError):
@@ -173,6 +174,25 @@ def _tokenizer(path: str | None) -> Any:
         return None
 
 
+def history_spec(path: str, run: str | None = None) -> dict[str, Any] | None:
+    """prefix_len, suffix_len and entropy_window of a history run's last evaluation; None for other files."""
+    from .history import HistoryError, HistoryStore
+
+    with open(path, "rb") as f:
+        if not f.read(16).startswith(b"SQLite format 3"):
+            return None
+    try:
+        with HistoryStore(path, readonly=True) as h:
+            runs = [r for r in h.runs() if run in (None, r["name"], str(r["run_id"]))]
+            evals = h.evals(runs[-1]["run_id"]) if runs else []
+    except HistoryError:
+        return None
+    if not evals:
+        return None
+    last = evals[-1]
+    return {key: last[key] for key in ("prefix_len", "suffix_len", "entropy_window")}
+
+
 def scan(
     sources: Sequence[str],
     *,
@@ -186,8 +206,8 @@ def scan(
     device: str = "cpu",
     dtype: str = "fp32",
     batch_size: int | None = None,
-    prefix_len: int = 32,
-    suffix_len: int = 32,
+    prefix_len: int | None = None,
+    suffix_len: int | None = None,
     entropy_window: int | None = None,
     mode: str = "full",
     exposure_references: int = 1000,
@@ -198,6 +218,8 @@ def scan(
     """Evaluate every checkpoint on one probe panel and append the results to `history` (run `run_name`).
 
     Checkpoints already in the history with the same spec are skipped, so an interrupted scan resumes.
+    prefix_len / suffix_len / entropy_window left None: those of the probe history's last evaluation when
+    `probes` is a history (so the scan measures what the live run measured), else 32 / 32 / min(16, k - 1).
     on_checkpoint(checkpoint, "start" | "skip" | "done") and on_batch(rows_done, rows_total) report progress.
     """
     from .config import AlertConfig, MonitorConfig
@@ -211,6 +233,14 @@ def scan(
     tok = _tokenizer(tokenizer or (ckpts[0].path if ckpts[0].revision is None else None))
     items, manifest = load_probes(probes, tokenizer=tok) if probes else ([], None)
     train_data = _dataset_file(sample_from, tok) if sample_from else None
+    spec = history_spec(probes) if probes else None
+    if spec is not None:  # each length not given: the live run's
+        prefix_len = spec["prefix_len"] if prefix_len is None else prefix_len
+        suffix_len = spec["suffix_len"] if suffix_len is None else suffix_len
+        if entropy_window is None and prefix_len == spec["prefix_len"]:
+            entropy_window = spec["entropy_window"]
+    prefix_len = 32 if prefix_len is None else prefix_len  # Pythia's convention
+    suffix_len = 32 if suffix_len is None else suffix_len
     config = MonitorConfig(
         every_n_steps=1,
         eval_on_start=False,
@@ -236,10 +266,15 @@ def scan(
     monitor = Monitor(config, probes=items, canaries=manifest, tokenizer=tok)
     name = run_name or os.path.basename(os.path.normpath(sources[0])) or "scan"
     model = _load_model(ckpts[0], device, dtype)
+    created = not os.path.exists(history)
     try:
         monitor.setup(model, train_data=train_data, run_name=name, model_name=ckpts[0].label, source="scan")
     except SetupError as exc:
         monitor.close()
+        if created:  # leave no empty history behind for `report` to find
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(OSError):
+                    os.remove(history + suffix)
         raise ScanError(str(exc)) from exc
     done = monitor.recorded_steps()
     scanned, skipped = [], []

@@ -237,9 +237,13 @@ def test_every_help_answers_without_torch(command):
 def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"\x00garbage" * 64)
+    from memwatch.history import HistoryStore
+
+    HistoryStore(str(tmp_path / "empty.sqlite")).close()  # a valid history without a run
     for target, message in (
         (tmp_path / "missing.sqlite", "no history at"),
         (bad, "not a readable memwatch history"),
+        (tmp_path / "empty.sqlite", "holds no runs yet"),
     ):
         args = [a.replace("OTHER", str(target)) for a in command]
         run = subprocess.run(

@@ -53,13 +53,7 @@ def test_scanned_history_equals_what_the_live_monitor_recorded(trained_with_chec
         "--probes",
         str(live_history),
         "--history",
-        str(scanned),
-        "--prefix-len",
-        str(K),
-        "--suffix-len",
-        str(M),
-        "--entropy-window",
-        "8",
+        str(scanned),  # no --prefix-len / --suffix-len / --entropy-window: the live run's are taken
         "--run-name",
         "scan-of-run",
     ]
@@ -71,6 +65,8 @@ def test_scanned_history_equals_what_the_live_monitor_recorded(trained_with_chec
     with History(scanned) as h:
         scan = h.run("scan-of-run")
         assert scan.source == "scan" and scan.labels[0].endswith("checkpoint-25")
+        assert scan.specs[0] == {**live.specs[0], "mode": scan.specs[0]["mode"]}
+        assert (scan.specs[0]["prefix_len"], scan.specs[0]["suffix_len"], scan.entropy_window) == (K, M, 8)
     assert scan.ids == live.ids and scan.groups.tolist() == live.groups.tolist()
     for step in (25, 50, 75):
         a = int(np.flatnonzero(live.steps == step)[0])
@@ -104,6 +100,21 @@ def test_scanned_history_equals_what_the_live_monitor_recorded(trained_with_chec
         got = {e.step: e.value for e in exported.Scalars(tag)}
         assert got.keys() == want.keys() and all(abs(got[s] - want[s]) < 1e-4 for s in want)
     assert [e.step for e in exported.Images("memwatch/train/entropy_profile")] == [25, 50, 75]
+    # The live history exported again: its evaluation timings come along.
+    assert main(["export-tb", str(live_history), "--out", str(tmp_path / "tb-live")]) == 0
+    (run_dir,) = os.listdir(tmp_path / "tb-live")
+    again = read_events(str(tmp_path / "tb-live" / run_dir))
+    want = {e.step: e.value for e in live_tb.Scalars("memwatch/eval_seconds")}
+    got = {e.step: e.value for e in again.Scalars("memwatch/eval_seconds")}
+    assert got.keys() == want.keys() and all(v > 0 and abs(got[s] - v) < 1e-3 for s, v in want.items())
+
+
+def test_a_scan_that_fails_at_setup_leaves_no_history(tmp_path, trained_with_checkpoints):
+    probes = tmp_path / "short.jsonl"
+    probes.write_text(json.dumps({"input_ids": list(range(10))}) + "\n")  # shorter than k + m
+    history = tmp_path / "s.sqlite"
+    code = main(["scan", str(trained_with_checkpoints), "--probes", str(probes), "--history", str(history)])
+    assert code == 2 and not os.path.exists(history)
 
 
 def test_probe_files_jsonl_and_errors(tmp_path, trained_with_checkpoints):
