@@ -75,9 +75,16 @@ class AlertEngine:
     describe(i) may return a text for probe i (only used when the monitor reveals text).
     """
 
-    def __init__(self, config: AlertConfig, describe: Callable[[int], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        config: AlertConfig,
+        describe: Callable[[int], str | None] | None = None,
+        suffix_distinct: np.ndarray | None = None,
+    ) -> None:
         self.config = config
         self.describe = describe
+        # int [N]: distinct tokens in each probe's true suffix; a leak needs at least leak_min_distinct of them.
+        self.suffix_distinct = suffix_distinct
         self.evals = 0  # evaluations seen
         self.prev_exact: np.ndarray | None = None
         self.armed: dict[tuple[str, str], bool] = {}
@@ -164,7 +171,10 @@ class AlertEngine:
             )
         if cfg.leak and not baseline:
             for g in cfg.leak_groups:
-                rows = np.flatnonzero(newly & (groups == g)).tolist()
+                candidates = newly & (groups == g)
+                if self.suffix_distinct is not None:  # predictable text is recited, not leaked
+                    candidates &= self.suffix_distinct >= cfg.leak_min_distinct
+                rows = np.flatnonzero(candidates).tolist()
                 kind = "never-inserted twin(s)" if g == "canary_heldout" else f"{g} probe(s)"
                 probes_alert(
                     "leak",

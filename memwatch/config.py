@@ -60,6 +60,9 @@ class AlertConfig:
     spike_min_count: int = 3  # ...or the newly memorized count by at least this many probes
     leak: bool = True  # a held-out probe or a twin becomes extractable: leak, duplicates, or a fault
     leak_groups: tuple[str, ...] = ("heldout", "canary_heldout")
+    leak_min_distinct: int = (
+        3  # suffixes of fewer distinct tokens (runs of spaces, "=====") are predictable text
+    )
     exposure_bits: float | None = 8.0  # canary exposure early warning (top ~0.4% of its reference secrets)
     cooldown: int = 3  # evaluations before the same rule may fire again for the same group or probe
     hysteresis: float = 0.2  # a threshold re-arms once the value falls this fraction below it
@@ -96,7 +99,13 @@ class AlertConfig:
                 raise ConfigError(f"AlertConfig.{name} must be a number >= {low}; got {value!r}")
         if self.hysteresis >= 1:
             raise ConfigError(f"AlertConfig.hysteresis must be below 1; got {self.hysteresis!r}")
-        for name in ("spike_min_evals", "spike_min_count", "cooldown", "webhook_retries"):
+        for name in (
+            "spike_min_evals",
+            "spike_min_count",
+            "cooldown",
+            "webhook_retries",
+            "leak_min_distinct",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"AlertConfig.{name} must be an integer >= 0; got {value!r}")
@@ -207,6 +216,13 @@ class MonitorConfig:
                 f"got {self.entropy_window}"
             )
         _check_int("boundary_width", self.boundary_width, 1)
+        if self.boundary_width > max(self.entropy_window, self.suffix_len):
+            # each side is clipped to the positions it has; beyond both, the number means nothing
+            raise ConfigError(
+                "MonitorConfig.boundary_width (positions averaged on each side of the boundary) must be at most "
+                f"max(entropy_window, suffix_len) = {max(self.entropy_window, self.suffix_len)}; "
+                f"got {self.boundary_width}"
+            )
         if self.mode not in ("full", "exact"):
             raise ConfigError(f"MonitorConfig.mode must be 'full' or 'exact'; got {self.mode!r}")
         _check_int("batch_size", self.batch_size, 1, optional=True)

@@ -132,6 +132,18 @@ def test_leak_rule_ignores_the_baseline_and_catches_heldout_and_twins():
     assert "never-inserted twin" in alerts[1].message and "measurement fault" in alerts[0].message
 
 
+def test_a_predictable_suffix_is_not_a_leak():
+    cfg = AlertConfig(extraction_rate={}, spike=False, canary_extracted=False, exposure_bits=None)
+    # p0's suffix is a run of one token (indentation), p1's has 2 distinct tokens, p2's a real sentence
+    engine = AlertEngine(cfg, suffix_distinct=np.array([1, 2, 4]))
+    sim = Sim(["heldout"] * 3, [{}, {}, {}])
+    assert run(engine, sim, [{"exact": [0, 0, 0]}]) == [[]]
+    (alert,) = engine.evaluate(sim.record(exact=[1, 1, 1]))
+    assert alert.probe_ids == ["p2"]
+    with pytest.raises(ConfigError, match="leak_min_distinct must be an integer >= 0"):
+        AlertConfig(leak_min_distinct=-1)
+
+
 def test_extraction_rate_threshold_with_hysteresis():
     cfg = AlertConfig(
         extraction_rate={"train": 0.5},
