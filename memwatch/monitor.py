@@ -349,6 +349,8 @@ class Monitor:
         ):
             panel.add(probe)
         heldout = self.heldout if self.heldout is not None else eval_data
+        before = set(panel.ids)
+        overlap = 0  # held-out windows whose tokens are already in the panel (training windows, canaries)
         if heldout is not None and cfg.heldout_probes:
             if _looks_like_token_lists(heldout):
                 try:
@@ -361,7 +363,8 @@ class Monitor:
                 long_enough = [p for p in probes if len(p.tokens) >= k + m]
                 for i in rng.permutation(len(long_enough))[: cfg.heldout_probes]:
                     p = long_enough[int(i)]
-                    panel.add(Probe(p.tokens[: k + m], p.group, p.meta))
+                    window_probe = Probe(p.tokens[: k + m], p.group, p.meta)
+                    overlap += not panel.add(window_probe) and window_probe.id in before
             else:
                 for probe in sample_windows(
                     heldout,
@@ -373,7 +376,13 @@ class Monitor:
                     collator=collator,
                     window=cfg.window,
                 ):
-                    panel.add(probe)
+                    overlap += not panel.add(probe) and probe.id in before
+        if overlap:
+            log.warning(
+                "memwatch: %d held-out window(s) have the same tokens as a training window or canary and were "
+                "left out of the heldout group: the held-out data overlaps the training data",
+                overlap,
+            )
         dropped = panel.filter_short(k + m)
         if dropped:
             log.warning(
@@ -382,10 +391,21 @@ class Monitor:
                 k + m,
             )
         if not len(panel):
+            given = [
+                name
+                for name, present in (
+                    ("training data", train_data is not None),
+                    ("held-out data", heldout is not None and cfg.heldout_probes),
+                    ("probes", bool(self.user_probes)),
+                    ("canaries", self.canaries is not None),
+                )
+                if present
+            ]
             raise SetupError(
-                "memwatch has no probes to evaluate: no training example has a window of prefix_len + suffix_len = "
-                f"{k + m} tokens whose last {m} tokens receive loss, and no held-out data, probes or canaries were "
-                "given. Use longer training sequences, smaller prefix_len/suffix_len, or pass probes=[...]."
+                f"memwatch has no probes to evaluate: {', '.join(given) or 'no data'} given, but nothing has a "
+                f"window of prefix_len + suffix_len = {k + m} tokens (training windows also need their last {m} "
+                f"tokens to receive loss){f'; {dropped} probe(s) were too short' if dropped else ''}. Use longer "
+                "sequences or smaller prefix_len / suffix_len."
             )
         return panel
 
@@ -491,7 +511,11 @@ class Monitor:
         acfg = self.config.alerts
         if not acfg.enabled:
             return
-        self.alert_engine = AlertEngine(acfg, describe=self._describe if self.config.reveal_text else None)
+        k, m = self.config.prefix_len, self.config.suffix_len
+        distinct = np.array([len(set(p.tokens[k : k + m])) for p in self.panel.probes], dtype=np.int64)
+        self.alert_engine = AlertEngine(
+            acfg, describe=self._describe if self.config.reveal_text else None, suffix_distinct=distinct
+        )
         sinks = AlertSinks()
         if self.console is not None:
             sinks.add("console", self.console.alert)

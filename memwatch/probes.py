@@ -284,9 +284,9 @@ def sample_windows(
             first_round_first = round_ == 0 and window == "first"
             s = free[0] if first_round_first else free[int(rng.integers(len(free)))]
             probe = Probe(tuple(ids[s : s + length]), group, {"source_index": int(idx), "start": int(s)})
+            used.add(s)  # a duplicate's window counts as used too: later rounds stay non-overlapping
             if probe.id in seen:
                 continue
-            used.add(s)
             seen.add(probe.id)
             probes.append(probe)
         if len(probes) >= n or not candidates:

@@ -32,6 +32,10 @@ def test_config_defaults_and_validation():
         ({"console": "yes"}, "console must be True or False"),
         ({"window": "middle"}, "window must be 'first' or 'random'"),
         ({"history_path": ""}, "history_path must be a non-empty string or None"),
+        (
+            {"boundary_width": 100},
+            r"boundary_width .* must be at most max\(entropy_window, suffix_len\) = 32",
+        ),
     ]:
         with pytest.raises(ConfigError, match=message):
             MonitorConfig(**kwargs)
@@ -119,10 +123,14 @@ def test_outputs_can_be_switched_off_and_relocated(tmp_path):
 
 def test_setup_errors_are_clear(tmp_path):
     model = trained_model("gpt2", 16, 16)
-    with pytest.raises(SetupError, match="no probes to evaluate"):
+    with pytest.raises(SetupError, match="no probes to evaluate: training data given"):
         Monitor(MonitorConfig(prefix_len=16, suffix_len=16, console=False)).setup(
             model, output_dir=tmp_path, train_data=[{"input_ids": [1] * 10}]
         )
+    with pytest.raises(SetupError, match=r"probes given, .* 2 probe.s. were too short"):
+        Monitor(
+            MonitorConfig(prefix_len=16, suffix_len=16, console=False), probes=[[1] * 10, [2] * 20]
+        ).setup(model, output_dir=tmp_path)
     with pytest.raises(SetupError, match="no tokenizer"):
         Monitor(MonitorConfig(console=False), probes=["some text"]).setup(model, output_dir=tmp_path)
     with pytest.raises(SetupError, match="another tokenizer"):
@@ -184,3 +192,17 @@ def test_resumed_monitor_keeps_its_adaptive_cadence(tmp_path):
         resumed.on_step(model, step)
     assert resumed.cadence.interval is not None  # so evaluations go on after a resume
     resumed.close()
+
+
+def test_held_out_data_that_overlaps_training_is_reported(tmp_path, caplog):
+    model = trained_model("gpt2", 16, 16)
+    rows = [{"input_ids": list(range(i, i + 40))} for i in range(12)]
+    cfg = MonitorConfig(prefix_len=16, suffix_len=16, console=False, tensorboard=False, heldout_probes=8)
+    monitor = Monitor(cfg)
+    with caplog.at_level("WARNING", logger="memwatch"):
+        monitor.setup(
+            model, output_dir=tmp_path, train_data=rows, eval_data=[*rows[:6], {"input_ids": [3] * 40}]
+        )
+    monitor.close()
+    assert "6 held-out window(s) have the same tokens as a training window" in caplog.text
+    assert monitor.panel.groups.tolist().count("heldout") == 1

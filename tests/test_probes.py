@@ -108,6 +108,15 @@ def test_small_datasets_give_several_non_overlapping_windows_per_example():
         assert all(b - a >= 32 for a, b in itertools.pairwise(starts))
 
 
+def test_duplicated_examples_do_not_fill_the_panel_with_shifted_windows():
+    rows = [
+        {"input_ids": list(range(i * 100, i * 100 + 96))} for i in range(4)
+    ] * 8  # 4 distinct, 8 copies each
+    probes = sample_windows(rows, 64, prefix_len=16, suffix_len=32, group="train", seed=0)
+    starts = sorted(p.meta["start"] for p in probes)
+    assert starts == [0] * 4 + [48] * 4  # the first window and the one non-overlapping window of each text
+
+
 def test_iterable_datasets_are_read_from_the_start():
     data = _dataset(30)
 
