@@ -302,6 +302,6 @@ def _print_summary(console: Any, summary: dict[str, Any], settings: DemoSettings
         f"\nHistory:     {summary['history']}\n"
         f"Canaries:    {summary['manifest']}  (holds the secrets; mode 0600)\n"
         f"TensorBoard: tensorboard --logdir {rel}   (the trainer's run and memwatch's side by side)\n"
-        f"Report:      memwatch report {rel} --format json\n"
+        f"Report:      memwatch report {rel}   (--format json|csv|html for tools and browsers)\n"
     )
     sys.stdout.flush()

@@ -191,8 +191,8 @@ class HistoryStore:
             )
         if "not a database" in text or "malformed" in text or "corrupt" in text:
             return HistoryError(
-                f"{self.path} is not a readable memwatch history ({text}); it was left untouched. Move it aside or "
-                "choose another history_path."
+                f"{self.path} is not a readable memwatch history ({text}); it was left untouched. Move it aside "
+                "(or, for a run writing to it, choose another history_path)."
             )
         if "disk is full" in text or "full" in text:
             return HistoryError(
