@@ -144,18 +144,22 @@ def test_a_predictable_suffix_is_not_a_leak():
         AlertConfig(leak_min_distinct=-1)
 
 
-def test_extraction_rate_threshold_with_hysteresis():
-    cfg = AlertConfig(
+def _train_rate_rule(cooldown: int) -> tuple[AlertEngine, Sim]:
+    """The extraction-rate rule alone on 10 train probes: threshold 0.5, re-armed below 0.4."""
+    only = AlertConfig(
         extraction_rate={"train": 0.5},
         spike=False,
         leak=False,
         canary_extracted=False,
         exposure_bits=None,
-        cooldown=0,
+        cooldown=cooldown,
         hysteresis=0.2,
     )
-    engine = AlertEngine(cfg)
-    sim = Sim(["train"] * 10)
+    return AlertEngine(only), Sim(["train"] * 10)
+
+
+def test_extraction_rate_threshold_with_hysteresis():
+    engine, sim = _train_rate_rule(cooldown=0)
     rates = [0.3, 0.5, 0.6, 0.45, 0.6, 0.3, 0.7]  # re-arms below 0.4 only
     fired = run(engine, sim, [{"exact": [i < int(r * 10) for i in range(10)]} for r in rates])
     assert fired == [[], ["extraction_rate"], [], [], [], [], ["extraction_rate"]]
@@ -357,17 +361,7 @@ def test_a_webhook_that_never_answers_is_given_up_after_bounded_attempts():
 
 
 def test_a_crossing_held_back_by_the_cooldown_fires_when_it_ends():
-    cfg = AlertConfig(
-        extraction_rate={"train": 0.5},
-        spike=False,
-        leak=False,
-        canary_extracted=False,
-        exposure_bits=None,
-        cooldown=2,
-        hysteresis=0.2,
-    )
-    engine = AlertEngine(cfg)
-    sim = Sim(["train"] * 10)
+    engine, sim = _train_rate_rule(cooldown=2)
     rates = [
         0.6,
         0.2,
