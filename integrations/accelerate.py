@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -12,8 +11,6 @@ from memwatch.evaluation import EvalRecord
 from memwatch.monitor import Monitor, SetupError
 
 __all__ = ["MemWatch"]
-
-log = logging.getLogger("memwatch")
 
 
 class MemWatch:
@@ -70,8 +67,8 @@ class MemWatch:
             step = int(self._pending_state.get("step", step))
         out = self.output_dir or getattr(accelerator, "project_dir", None) or "."
         mixed = str(getattr(accelerator, "mixed_precision", "no"))
-        try:
-            monitor.setup(
+        started = monitor.guarded_setup(
+            lambda: monitor.setup(
                 model,
                 output_dir=out,
                 train_data=self.train_data,
@@ -80,13 +77,8 @@ class MemWatch:
                 start_step=step,
                 amp_dtype=mixed if mixed in ("bf16", "fp16") else None,
             )
-        except SetupError:
-            raise
-        except Exception as exc:
-            if monitor.config.strict:
-                raise
-            monitor.disabled = True
-            log.error("memwatch could not start and is switched off; training continues", exc_info=exc)
+        )
+        if not started:
             return None
         if self._pending_state is not None:
             monitor.load_state_dict(self._pending_state)
@@ -106,9 +98,7 @@ class MemWatch:
         except SetupError:
             raise
         except Exception as exc:
-            if self.monitor.config.strict:
-                raise
-            log.error("memwatch: unexpected error at step %d; training continues", step, exc_info=exc)
+            self.monitor.contain(exc, f"at step {step}")
             return None
 
     def finish(self, accelerator: Any, model: Any, step: int) -> EvalRecord | None:
@@ -116,9 +106,7 @@ class MemWatch:
         try:
             return self.monitor.finish(model, step)
         except Exception as exc:
-            if self.monitor.config.strict:
-                raise
-            log.error("memwatch: unexpected error at the end of training", exc_info=exc)
+            self.monitor.contain(exc, "at the end of training")
             return None
 
     # accelerator.register_for_checkpointing(watch) calls these

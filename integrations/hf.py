@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
 from transformers import TrainerCallback
 
 from memwatch.config import MonitorConfig
-from memwatch.monitor import Monitor, SetupError
+from memwatch.monitor import Monitor
 
 __all__ = ["MemWatchCallback"]
-
-log = logging.getLogger("memwatch")
 
 
 def _find_trainer() -> Any:
@@ -70,15 +67,9 @@ class MemWatchCallback(TrainerCallback):
         self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs
     ):
         monitor = self.monitor
-        try:
-            self._setup(args, state, model, processing_class, train_dataloader)
-        except SetupError:
-            raise  # bad input: a clear error before the first step
-        except Exception as exc:  # anything else must not stop the training run
-            if monitor.config.strict:
-                raise
-            monitor.disabled = True
-            log.error("memwatch could not start and is switched off; training continues", exc_info=exc)
+        if not monitor.guarded_setup(
+            lambda: self._setup(args, state, model, processing_class, train_dataloader)
+        ):
             return control
         # A baseline at train begin, unless this step is already recorded (a resumed run).
         if self.config.eval_on_start and state.global_step not in monitor.evaluated_steps:
@@ -132,17 +123,12 @@ class MemWatchCallback(TrainerCallback):
         try:
             self._apply(self.monitor.on_step(model, state.global_step), control)
         except Exception as exc:
-            self._guard(exc, "on_step_end")
+            self.monitor.contain(exc, f"at step {state.global_step}")
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
             self.monitor.finish(model, state.global_step)
         except Exception as exc:
-            self._guard(exc, "on_train_end")
+            self.monitor.contain(exc, "at the end of training")
         return control
-
-    def _guard(self, exc: Exception, where: str) -> None:
-        if self.monitor.config.strict:
-            raise exc
-        log.error("memwatch: unexpected error in %s; training continues", where, exc_info=exc)

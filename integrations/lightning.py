@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,8 +20,6 @@ from memwatch.config import MonitorConfig
 from memwatch.monitor import Monitor, SetupError
 
 __all__ = ["MemWatchLightningCallback"]
-
-log = logging.getLogger("memwatch")
 
 
 def find_causal_lm(pl_module: Any, attr: str | None = None) -> Any:
@@ -77,8 +74,8 @@ class MemWatchLightningCallback(Callback):
             val = val[0] if val else None
         precision = str(getattr(trainer, "precision", ""))
         amp = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else None
-        try:
-            monitor.setup(
+        started = monitor.guarded_setup(
+            lambda: monitor.setup(
                 model,
                 output_dir=trainer.default_root_dir,
                 train_data=getattr(loader, "dataset", None),
@@ -87,13 +84,8 @@ class MemWatchLightningCallback(Callback):
                 start_step=trainer.global_step,
                 amp_dtype=amp,
             )
-        except SetupError:
-            raise
-        except Exception as exc:
-            if monitor.config.strict:
-                raise
-            monitor.disabled = True
-            log.error("memwatch could not start and is switched off; training continues", exc_info=exc)
+        )
+        if not started:
             return
         if self._pending_state is not None:
             monitor.load_state_dict(self._pending_state)
@@ -112,17 +104,13 @@ class MemWatchLightningCallback(Callback):
         try:
             self._apply(trainer, self.monitor.on_step(find_causal_lm(pl_module, self.model_attr), step))
         except Exception as exc:
-            if self.monitor.config.strict:
-                raise
-            log.error("memwatch: unexpected error at step %d; training continues", step, exc_info=exc)
+            self.monitor.contain(exc, f"at step {step}")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         try:
             self.monitor.finish(find_causal_lm(pl_module, self.model_attr), trainer.global_step)
         except Exception as exc:
-            if self.monitor.config.strict:
-                raise
-            log.error("memwatch: unexpected error at the end of training", exc_info=exc)
+            self.monitor.contain(exc, "at the end of training")
 
     def _apply(self, trainer: Any, record: Any) -> None:
         if record is None or not record.actions:

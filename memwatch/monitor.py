@@ -184,6 +184,27 @@ class Monitor:
 
     # --- setup -------------------------------------------------------------------------------------------------
 
+    def contain(self, exc: Exception, where: str) -> None:
+        """An unexpected error in an integration's hook: re-raised under strict=True, else logged; training
+        goes on (call it from the hook's `except Exception`)."""
+        if self.config.strict:
+            raise exc
+        log.error("memwatch: unexpected error %s; training continues", where, exc_info=exc)
+
+    def guarded_setup(self, setup: Callable[[], Any]) -> bool:
+        """Run `setup` (which calls self.setup) the way integrations must: bad input (SetupError) still raises
+        before the first step; any other failure switches memwatch off with a logged error (strict=True
+        re-raises), so the training run goes on. True if memwatch is on."""
+        try:
+            setup()
+        except SetupError:
+            raise
+        except Exception as exc:
+            self.contain(exc, "at setup: memwatch is switched off")
+            self.disabled = True
+            return False
+        return True
+
     def setup(
         self,
         model: Any,
