@@ -65,6 +65,8 @@ def render_text(
     from rich.console import Console
     from rich.table import Table as _Table
 
+    from .reporters.console import tier_table
+
     def Table(**kw: Any) -> _Table:
         return _Table(box=box.SIMPLE, **kw)
 
@@ -144,31 +146,7 @@ def render_text(
             console.print(f"... and {len(timelines) - max_probes} more (see --format json or csv)")
         tiers = [r for r in run.tiers() if r["step"] == int(run.steps[b])]
         if tiers:
-            t = Table(
-                title=f"canaries: dose-response at step {int(run.steps[b])}",
-                title_justify="left",
-                header_style="bold",
-            )
-            for col in (
-                "repetitions",
-                "extracted",
-                "twins extracted",
-                "exposure",
-                "twins' exposure",
-                "match",
-                "first memorized",
-            ):
-                t.add_column(col, justify="right")
-            for r in tiers:
-                t.add_row(
-                    f"{r['repetitions']}x",
-                    f"{r['inserted_extracted']}/{r['inserted']}",
-                    f"{r['twins_extracted']}/{r['twins']}",
-                    _f(r["mean_exposure"], ".1f"),
-                    _f(r["twins_mean_exposure"], ".1f"),
-                    _f(r["mean_match_ratio"], ".2f"),
-                    str(r["first_memorized_step"]) if r["first_memorized_step"] is not None else "-",
-                )
+            t = tier_table(tiers, f"canaries: dose-response at step {int(run.steps[b])}", box=box.SIMPLE)
             console.print(t)
         t = Table(
             title=f"entropy across the boundary at step {int(run.steps[b])} (nats; '|' = boundary)",

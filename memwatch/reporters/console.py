@@ -57,9 +57,13 @@ def record_table(record: EvalRecord) -> Table:
     return table
 
 
-def tier_table(tiers: list[dict[str, Any]], title: str = "canaries: dose-response") -> Table:
-    """Per repetition tier: inserted canaries extracted, twins extracted (the control), exposure, first memorized."""
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+def tier_table(
+    tiers: list[dict[str, Any]], title: str = "canaries: dose-response", *, box: Any = None
+) -> Table:
+    """Per repetition tier: inserted canaries extracted, twins extracted (the control), exposure, first memorized.
+
+    box: a rich box style for written reports; None, the live console's bare columns."""
+    table = Table(title=title, title_justify="left", box=box, pad_edge=box is not None, header_style="bold")
     for col in (
         "repetitions",
         "extracted",
