@@ -18,6 +18,18 @@ from .metrics import BUCKET_NAMES
 __all__ = ["compare_dict", "render_compare", "render_csv", "render_html", "render_text", "write_pythia_csv"]
 
 _SPARK = "▁▂▃▄▅▆▇█"
+# One row per group and step, in the text and the HTML report alike.
+_GROUP_COLUMNS = (
+    "step",
+    "group",
+    "n",
+    "extracted",
+    "rate",
+    "match ratio",
+    "edit sim",
+    "suffix NLL",
+    "exposure",
+)
 
 
 def _f(value: Any, spec: str = ".3f") -> str:
@@ -81,17 +93,7 @@ def render_text(
             console.print("no evaluations yet")
             continue
         t = Table(title="groups over steps", title_justify="left", header_style="bold")
-        for col in (
-            "step",
-            "group",
-            "n",
-            "extracted",
-            "rate",
-            "match ratio",
-            "edit sim",
-            "suffix nll",
-            "exposure",
-        ):
+        for col in _GROUP_COLUMNS:
             t.add_column(col, justify="left" if col == "group" else "right")
         for row in run.group_series():
             t.add_row(
@@ -409,17 +411,7 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
         s.append("</div>")
         s.append(
             _table(
-                [
-                    "step",
-                    "group",
-                    "n",
-                    "extracted",
-                    "rate",
-                    "match ratio",
-                    "edit sim",
-                    "suffix NLL",
-                    "exposure",
-                ],
+                list(_GROUP_COLUMNS),
                 [
                     [
                         r["step"],
