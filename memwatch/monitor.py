@@ -343,7 +343,7 @@ class Monitor:
             self.cadence.last_step = record.step
             self.last_record = record
         # The cost of an evaluation, so the adaptive cadence can pick an interval without measuring again.
-        durations = [e["duration"] for e in self.history.evals(self.run_id) if e.get("duration")]
+        durations = [d for d in run.durations.tolist() if d > 0] if run.durations is not None else []
         if durations:
             self.cadence.eval_cost = float(np.mean(durations[-3:]))
 

@@ -117,11 +117,7 @@ def load_probes(path: str, *, tokenizer: Any = None, run: str | None = None) -> 
     if head.startswith(b"SQLite format 3"):
         try:
             with HistoryStore(path, readonly=True) as h:
-                runs = h.runs()
-                chosen = [r for r in runs if run in (None, r["name"], str(r["run_id"]))]
-                if not chosen:
-                    raise ScanError(f"no run {run!r} in {path}")
-                panel = h.panel(chosen[-1]["run_id"])
+                panel = h.panel(_pick_run(h, run, path))
         except HistoryError as exc:
             raise ScanError(str(exc)) from exc
         return [Probe(tuple(p["tokens"]), p["group"], p["meta"]) for p in panel], None
@@ -174,6 +170,14 @@ def _tokenizer(path: str | None) -> Any:
         return None
 
 
+def _pick_run(store: Any, run: str | None, path: str) -> int:
+    """The id of the run named or numbered `run` in an open HistoryStore (default: the latest)."""
+    chosen = [r for r in store.runs() if run in (None, r["name"], str(r["run_id"]))]
+    if not chosen:
+        raise ScanError(f"no run {run!r} in {path}")
+    return int(chosen[-1]["run_id"])
+
+
 def history_spec(path: str, run: str | None = None) -> dict[str, Any] | None:
     """prefix_len, suffix_len and entropy_window of a history run's last evaluation; None for other files."""
     from .history import HistoryError, HistoryStore
@@ -183,9 +187,8 @@ def history_spec(path: str, run: str | None = None) -> dict[str, Any] | None:
             return None
     try:
         with HistoryStore(path, readonly=True) as h:
-            runs = [r for r in h.runs() if run in (None, r["name"], str(r["run_id"]))]
-            evals = h.evals(runs[-1]["run_id"]) if runs else []
-    except HistoryError:
+            evals = h.evals(_pick_run(h, run, path))
+    except (HistoryError, ScanError):
         return None
     if not evals:
         return None
