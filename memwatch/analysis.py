@@ -293,16 +293,16 @@ class History:
     def runs(self) -> list[dict[str, Any]]:
         return self.store.runs()
 
-    def require_runs(self) -> None:
-        """Raise HistoryError if the history holds no run (a file created by a monitor that never evaluated)."""
-        if not self.runs:
-            raise HistoryError(f"{self.path} holds no runs yet")
-
-    def run(self, which: int | str | None = None, spec: dict[str, Any] | None = None) -> RunData:
-        """A run by id or name (default: the latest), with its evaluations of one spec (default: the latest one)."""
+    def require_runs(self) -> list[dict[str, Any]]:
+        """The runs; HistoryError if there is none (a file created by a monitor that never evaluated)."""
         runs = self.runs
         if not runs:
             raise HistoryError(f"{self.path} holds no runs yet")
+        return runs
+
+    def run(self, which: int | str | None = None, spec: dict[str, Any] | None = None) -> RunData:
+        """A run by id or name (default: the latest), with its evaluations of one spec (default: the latest one)."""
+        runs = self.require_runs()
         if which is None:
             info = runs[-1]
         else:

@@ -844,7 +844,14 @@ class Monitor:
         # One batch size for the whole pass, planned for R + 1 candidates, so that the rows a synced rank only pads
         # (no canary of its own) run the same batches as the canaries on other ranks.
         bs = self.batch_size or _auto_batch_size(
-            inspect_model(model), cfg.exposure_references + 1, k, m, 0, "exact", 4, None
+            inspect_model(model),
+            cfg.exposure_references + 1,
+            k,
+            m,
+            w=0,  # no entropies: the pass scores suffixes only
+            mode="exact",  # no decoding, so no decode cache
+            act_bytes=4,  # fp32 sizing: safe under autocast too
+            budget=None,
         )
         out = np.full(len(rows), np.nan)
         for j, i in enumerate(rows.tolist()):
