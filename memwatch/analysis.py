@@ -87,7 +87,12 @@ class RunData:
     def result(self, e: int) -> ExtractionResult:
         """Evaluation e as the ExtractionResult it was recorded from."""
         spec = self.specs[e]
+        m = int(spec["suffix_len"])
         ratio = None if np.isnan(self.match_ratio[e]).all() else self.match_ratio[e].astype(np.float32)
+        count = None
+        if ratio is not None:
+            # The integer count back from the stored ratio c/m (exact: float32 c/m * m rounds to c for any m).
+            count = np.rint(self.match_ratio[e] * m).astype(np.int64)
         sim = None if np.isnan(self.edit_similarity[e]).all() else self.edit_similarity[e].astype(np.float32)
         return ExtractionResult(
             prefix_len=int(spec["prefix_len"]),
@@ -97,6 +102,7 @@ class RunData:
             generated=None if self.generated is None else self.generated[e],
             exact=self.exact[e],
             match_ratio=ratio,
+            match_count=count,
             prefix_match_len=self.prefix_match_len[e],
             edit_similarity=sim,
             entropy=self.entropy[e],

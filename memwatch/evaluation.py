@@ -72,11 +72,10 @@ class EvalRecord:
 
 
 def result_buckets(result: ExtractionResult) -> np.ndarray:
-    """Bucket per row. In mode "exact" (no match ratio) prefix_match_len / m, a lower bound of it, stands in."""
-    ratio = result.match_ratio
-    if ratio is None:
-        ratio = result.prefix_match_len / max(1, result.suffix_len)
-    return metrics.bucket_of(ratio, result.exact)
+    """Bucket per row, from integer match counts. In mode "exact" (no free decoding) the prefix match length, a
+    lower bound of the match count, stands in."""
+    count = result.match_count if result.match_count is not None else result.prefix_match_len
+    return metrics.bucket_of_count(count, result.suffix_len, result.exact)
 
 
 class ProbeTracker:

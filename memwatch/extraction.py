@@ -44,6 +44,7 @@ def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
         generated=np.zeros((0, m), np.int64) if full else None,
         exact=np.zeros(0, bool),
         match_ratio=np.zeros(0, np.float32) if full else None,
+        match_count=np.zeros(0, np.int64) if full else None,
         prefix_match_len=np.zeros(0, np.int64),
         edit_similarity=np.zeros(0, np.float32) if full else None,
         entropy=np.zeros((0, w + m), np.float32),
@@ -543,10 +544,11 @@ def _assemble(
     generated = cat.get("generated")
     if generated is not None:
         generated = generated.astype(np.int64)
-        ratio = metrics.match_ratio(generated, suffix)
+        count = metrics.match_count(generated, suffix)
+        ratio = (count / m).astype(np.float32)
         similarity = metrics.edit_similarity(generated, suffix)
     else:
-        ratio = similarity = None
+        ratio = count = similarity = None
     return ExtractionResult(
         prefix_len=k,
         suffix_len=m,
@@ -555,6 +557,7 @@ def _assemble(
         generated=generated,
         exact=cat["exact"].astype(bool),
         match_ratio=ratio,
+        match_count=count,
         prefix_match_len=cat["prefix_match_len"].astype(np.int64),
         edit_similarity=similarity,
         entropy=cat["entropy"].astype(np.float32),

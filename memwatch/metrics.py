@@ -6,9 +6,10 @@ import numpy as np
 
 __all__ = [
     "BUCKET_NAMES",
-    "bucket_of",
+    "bucket_of_count",
     "edit_similarity",
     "levenshtein",
+    "match_count",
     "match_ratio",
     "prefix_match_len",
 ]
@@ -39,7 +40,7 @@ def match_ratio(generated: np.ndarray, target: np.ndarray) -> np.ndarray:
     g, t = _pair(generated, target)
     if g.shape[1] == 0:
         return np.ones(g.shape[0], dtype=np.float32)
-    return (g == t).mean(axis=1).astype(np.float32)
+    return (match_count(g, t) / g.shape[1]).astype(np.float32)
 
 
 def levenshtein(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -78,17 +79,25 @@ def edit_similarity(generated: np.ndarray, target: np.ndarray) -> np.ndarray:
     return out
 
 
-def bucket_of(match_ratio: np.ndarray, exact: np.ndarray | None = None) -> np.ndarray:
-    """Bucket index into BUCKET_NAMES per row. int64 [N].
+def match_count(generated: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Number of positions where generated == target, per row. int64 [N]."""
+    g, t = _pair(generated, target)
+    return (g == t).sum(axis=1).astype(np.int64)
 
-    Exact rows (or match_ratio == 1 where `exact` is not given) are bucket 5; otherwise the Chen et al.
-    intervals [0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1).
+
+def bucket_of_count(count: np.ndarray, m: int, exact: np.ndarray | None = None) -> np.ndarray:
+    """Bucket index into BUCKET_NAMES per row, from the integer number of matching positions c of m. int64 [N].
+
+    Chen et al.'s intervals [0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1) are ceil(5 c / m) - 1 (c = 0 in the
+    first), computed in integers so that a ratio on an edge (4/20) lands in the bucket it closes; exact rows
+    (c == m where `exact` is not given) are bucket 5.
     """
-    r = np.asarray(match_ratio, dtype=np.float64)
-    is_exact = r >= 1.0 if exact is None else np.asarray(exact, dtype=bool)
-    # ceil(r / .2) - 1 maps (0,.2]->0, (.2,.4]->1, ...; r == 0 -> 0. A small tolerance keeps 0.4 in (.2, .4].
-    idx = np.clip(np.ceil(r / 0.2 - 1e-9) - 1, 0, 4).astype(np.int64)
-    return np.where(is_exact, 5, idx)
+    c = np.asarray(count, dtype=np.int64)
+    if m < 1:
+        raise ValueError(f"m must be >= 1; got {m}")
+    is_exact = c >= m if exact is None else np.asarray(exact, dtype=bool)
+    idx = np.clip(-((-5 * c) // m) - 1, 0, 4)  # ceil(5c/m) - 1 by integer floor division
+    return np.where(is_exact, 5, idx).astype(np.int64)
 
 
 def memorized(match_ratio: np.ndarray | None, exact: np.ndarray, threshold: float = 1.0) -> np.ndarray:

@@ -14,7 +14,7 @@ __all__ = ["ExtractionResult"]
 class ExtractionResult:
     """Per-sequence results of `extract`, numpy arrays in input row order.
 
-    `generated`, `match_ratio` and `edit_similarity` are None in mode "exact" (no free decoding).
+    `generated`, `match_ratio`, `match_count` and `edit_similarity` are None in mode "exact" (no free decoding).
     Entropy column j is the entropy (nats) of the distribution predicting token k - w + j: teacher-forced on the
     true sequence for j < w, along the greedy path for j >= w (teacher-forced on the true suffix in mode "exact").
     """
@@ -26,6 +26,7 @@ class ExtractionResult:
     generated: np.ndarray | None  # int64 [N, m]
     exact: np.ndarray  # bool [N]
     match_ratio: np.ndarray | None  # float32 [N]
+    match_count: np.ndarray | None  # int64 [N]: matching positions (match_ratio = match_count / m)
     prefix_match_len: np.ndarray  # int64 [N]
     edit_similarity: np.ndarray | None  # float32 [N]
     entropy: np.ndarray  # float32 [N, w + m]
@@ -36,6 +37,7 @@ class ExtractionResult:
         "generated",
         "exact",
         "match_ratio",
+        "match_count",
         "prefix_match_len",
         "edit_similarity",
         "entropy",

@@ -41,6 +41,7 @@ class Sim:
             generated=np.zeros((n, M), np.int64),
             exact=exact,
             match_ratio=ratio,
+            match_count=np.rint(ratio * M).astype(np.int64),
             prefix_match_len=(ratio * M).astype(np.int64),
             edit_similarity=ratio,
             entropy=np.ones((n, 2 + M), np.float32),

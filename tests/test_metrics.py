@@ -51,11 +51,35 @@ def test_levenshtein_matches_scalar_dp_on_random_rows():
 
 
 def test_buckets_follow_chen_et_al_intervals():
-    ratios = np.array([0.0, 0.2, 0.21, 0.4, 0.5, 0.6, 0.8, 0.81, 0.99, 1.0])
-    assert metrics.bucket_of(ratios).tolist() == [0, 0, 1, 1, 2, 2, 3, 4, 4, 5]
+    # m = 10: counts 0..10 -> ratios 0, .1, ..., 1
+    counts = np.arange(11)
+    assert metrics.bucket_of_count(counts, 10).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5]
     # A row only counts as exact through `exact`, when given.
-    assert metrics.bucket_of(np.array([1.0, 0.9]), np.array([False, True])).tolist() == [4, 5]
+    assert metrics.bucket_of_count(np.array([10, 9]), 10, np.array([False, True])).tolist() == [4, 5]
     assert metrics.BUCKET_NAMES[5] == "exact"
+
+
+@pytest.mark.parametrize("m", [5, 10, 20, 25, 32, 50])
+def test_bucket_edges_land_in_the_bucket_they_close(m):
+    """A ratio exactly on an edge (4/20 = 0.2) belongs to the interval it closes ((0, .2] -> bucket 0), for any m:
+    checked against exact rational arithmetic, and through the engine's float32 match ratio."""
+    from fractions import Fraction
+
+    counts = np.arange(m + 1)
+    expected = []
+    for c in counts.tolist():
+        r = Fraction(c, m)
+        if c == m:
+            expected.append(5)
+        else:
+            # (.2 j, .2 (j+1)] -> j, and 0 -> 0
+            expected.append(max(0, next(j for j in range(5) if r <= Fraction(j + 1, 5))))
+    assert metrics.bucket_of_count(counts, m).tolist() == expected
+    # The engine's float32 ratio of the same rows gives the same counts, hence the same buckets.
+    target = np.zeros((m + 1, m), np.int64)
+    generated = np.array([[0] * c + [1] * (m - c) for c in counts.tolist()], np.int64)
+    assert metrics.match_count(generated, target).tolist() == counts.tolist()
+    np.testing.assert_array_equal(metrics.match_ratio(generated, target), (counts / m).astype(np.float32))
 
 
 def test_memorized_threshold():
@@ -101,3 +125,44 @@ def test_entropy_profiles_and_boundary_jump():
         (5 + 5 + 3 + 3) / 4 - (1 + 1 + 2 + 2) / 4
     )
     assert all(math.isnan(v) for v in metrics.boundary_stats(np.ones(4), 0, 2))
+
+
+def test_record_buckets_on_edges_for_m_20():
+    """Through the record building: 4 of 20 tokens right is the 0-20 bucket, 16 of 20 is 60-80 (float ratios put
+    both one bucket too high)."""
+    from memwatch.evaluation import ProbeTracker, build_record
+    from memwatch.result import ExtractionResult
+
+    m, counts = 20, np.array([4, 8, 12, 16, 19, 20])
+    target = np.zeros((len(counts), m), np.int64)
+    generated = np.array([[0] * c + [1] * (m - c) for c in counts.tolist()], np.int64)
+    n = len(counts)
+    res = ExtractionResult(
+        prefix_len=4,
+        suffix_len=m,
+        entropy_window=2,
+        mode="full",
+        generated=generated,
+        exact=counts == m,
+        match_ratio=metrics.match_ratio(generated, target),
+        match_count=metrics.match_count(generated, target),
+        prefix_match_len=metrics.prefix_match_len(generated, target),
+        edit_similarity=metrics.edit_similarity(generated, target),
+        entropy=np.ones((n, 2 + m), np.float32),
+        suffix_nll=np.ones(n, np.float32),
+        near_tie=np.zeros(n, bool),
+    )
+    record = build_record(
+        step=0,
+        wall_time=0.0,
+        duration=0.0,
+        spec={},
+        probe_ids=[str(i) for i in range(n)],
+        groups=np.array(["g"] * n, dtype=object),
+        metas=[{}] * n,
+        result=res,
+        tracker=ProbeTracker(n),
+    )
+    # 4/20 -> 0-20, 8/20 -> 20-40, 12/20 -> 40-60, 16/20 -> 60-80, 19/20 -> 80-99, 20/20 -> exact
+    assert record.buckets.tolist() == [0, 1, 2, 3, 4, 5]
+    assert record.stats["g"].buckets == [1, 1, 1, 1, 1, 1]
