@@ -201,3 +201,41 @@ def test_read_only_directory(tmp_path):
             HistoryStore(ro / "h.sqlite")
     finally:
         ro.chmod(0o700)
+
+
+def _damaged_history(path, n=400, evals=12):
+    """A real history of several runs, then 16 KiB in the middle of the file overwritten (a bad disk sector)."""
+    h, run = _store_with_run(path, n=n)
+    ids = [f"p{i}" for i in range(n)]
+    for step in range(evals):
+        h.add_evaluation(run, step, spec=SPEC, probe_ids=ids, columns=_columns(n, step))
+    h.close()  # the last connection checkpoints the WAL into the file
+    assert not os.path.exists(str(path) + "-wal") or os.path.getsize(str(path) + "-wal") == 0
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek((size // 2) // 16384 * 16384)
+        f.write(np.random.default_rng(0).integers(0, 256, 16384, dtype=np.uint8).tobytes())
+    return path
+
+
+def test_a_history_damaged_mid_file_is_refused_untouched_and_recoverable(tmp_path):
+    from memwatch.history import recover
+
+    path = _damaged_history(tmp_path / "h.sqlite")
+    before = path.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(HistoryError, match="is damaged") as err:
+            HistoryStore(path, readonly=readonly)
+        assert "memwatch recover" in str(err.value) and "\n" not in str(err.value)
+    assert path.read_bytes() == before
+    assert not os.path.exists(str(path) + "-wal") or os.path.getsize(str(path) + "-wal") == 0
+    got = recover(path, tmp_path / "new.sqlite")
+    assert path.read_bytes() == before
+    assert got["runs"] == 1 and got["evaluations"] + got["evaluations_lost"] == 12
+    assert got["evaluations_lost"] >= 1 and got["evaluations"] >= 1
+    with HistoryStore(tmp_path / "new.sqlite", readonly=True) as new:
+        evals = new.evals(new.runs()[0]["run_id"])
+        assert len(evals) == got["evaluations"]
+        assert all(len(new.results(e["eval_id"])) == 400 for e in evals)
+    with pytest.raises(HistoryError, match="exists"):
+        recover(path, tmp_path / "new.sqlite")

@@ -240,7 +240,11 @@ def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
     from memwatch.history import HistoryStore
 
     HistoryStore(str(tmp_path / "empty.sqlite")).close()  # a valid history without a run
+    from test_history import _damaged_history
+
+    damaged = _damaged_history(tmp_path / "damaged.sqlite")
     for target, message in (
+        (damaged, "is damaged"),
         (tmp_path / "missing.sqlite", "no history at"),
         (bad, "not a readable memwatch history"),
         (tmp_path / "empty.sqlite", "holds no runs yet"),
@@ -253,6 +257,7 @@ def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
             cwd=tmp_path,
         )
         assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
 
 
 def test_history_library_api_and_pandas(tmp_path):
@@ -310,3 +315,21 @@ def test_json_report_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_recover_command_copies_the_readable_evaluations(tmp_path):
+    from test_history import _damaged_history
+
+    damaged = _damaged_history(tmp_path / "damaged.sqlite")
+    before = damaged.read_bytes()
+    cmd = [sys.executable, "-m", "memwatch.cli"]
+    run = subprocess.run([*cmd, "recover", str(damaged), str(tmp_path / "new.sqlite")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "recovered 1 run(s)" in run.stdout and "lost" in run.stdout
+    assert damaged.read_bytes() == before
+    report = subprocess.run(
+        [*cmd, "report", str(tmp_path / "new.sqlite"), "--format", "json"], capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr
+    evaluations = json.loads(report.stdout)["runs"][0]["evaluations"]
+    assert 1 <= evaluations < 12

@@ -156,6 +156,17 @@ def test_bad_history_files_stop_training_before_the_first_step_and_are_left_unto
     with pytest.raises(SetupError, match="newer memwatch"):
         make_trainer(out, [MemWatchCallback(cfg())], steps=5).train()
 
+    # A history with a damaged page in the middle: refused before the first step, not appended to.
+    history.unlink()
+    from test_history import _damaged_history
+
+    _damaged_history(history)
+    before = history.read_bytes()
+    trainer = make_trainer(out, [MemWatchCallback(cfg())], steps=5)
+    with pytest.raises(SetupError, match="is damaged"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and history.read_bytes() == before
+
     history.unlink()
     HistoryStore(history).close()
     locker = sqlite3.connect(history, isolation_level=None)
