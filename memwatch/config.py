@@ -231,6 +231,11 @@ class MonitorConfig:
                 f"MonitorConfig.amp_dtype must be 'auto', None, 'bf16', 'fp16' or 'fp32'; got {self.amp_dtype!r}"
             )
         _check_fraction("memorized_threshold", self.memorized_threshold)
+        if self.mode == "exact" and self.memorized_threshold < 1:
+            raise ConfigError(
+                "MonitorConfig.memorized_threshold below 1 needs the match ratio, which mode='exact' does not compute "
+                f"(got memorized_threshold={self.memorized_threshold!r}): use mode='full', or leave it at 1.0"
+            )
         _check_int("train_probes", self.train_probes, 0)
         _check_int("heldout_probes", self.heldout_probes, 0)
         _check_int("seed", self.seed, 0)
@@ -253,6 +258,20 @@ class MonitorConfig:
             "entropy_window": self.entropy_window,
             "mode": self.mode,
         }
+
+    # Fields that define what a recorded number means: a resumed run may not change them.
+    DEFINITIONS = (
+        "prefix_len",
+        "suffix_len",
+        "entropy_window",
+        "mode",
+        "memorized_threshold",
+        "boundary_width",
+    )
+
+    def definitions(self) -> dict[str, Any]:
+        """The fields that define the run's numbers (see DEFINITIONS)."""
+        return {name: getattr(self, name) for name in self.DEFINITIONS}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: nested configs as dicts, callables by name."""

@@ -102,6 +102,19 @@ class ProbeTracker:
         self.prev_step = step
         return events, prev_buckets, prev_step
 
+    def snapshot(self) -> tuple[Any, ...]:
+        """The state, to restore() after an evaluation that was not recorded."""
+        return (
+            self.prev_step,
+            None if self.prev_memorized is None else self.prev_memorized.copy(),
+            None if self.prev_buckets is None else self.prev_buckets.copy(),
+            self.ever.copy(),
+            self.first_step.copy(),
+        )
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        self.prev_step, self.prev_memorized, self.prev_buckets, self.ever, self.first_step = snapshot
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,

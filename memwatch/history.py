@@ -539,6 +539,12 @@ class HistoryStore:
         ]
 
     @_reading
+    def run_config(self, run_id: int) -> dict[str, Any]:
+        """The config a run was recorded with ({} if none)."""
+        row = self.conn.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return json.loads(row[0] or "{}") if row else {}
+
+    @_reading
     def panel(self, run_id: int) -> list[dict[str, Any]]:
         """A run's probes in panel order: id, group, meta, tokens."""
         rows = self.conn.execute(
@@ -666,7 +672,10 @@ def recover(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> d
                 c.execute("UPDATE runs SET created = ? WHERE run_id = ?", (created, new_id))
             dst.add_probes(
                 new_id,
-                [(pid, decode_ints(tok) or [], grp, json.loads(meta or "{}")) for pid, grp, meta, tok in panel],
+                [
+                    (pid, decode_ints(tok) or [], grp, json.loads(meta or "{}"))
+                    for pid, grp, meta, tok in panel
+                ],
             )
             summary["runs"] += 1
             evals = rows("SELECT * FROM evals WHERE run_id = ? ORDER BY step, eval_id", (run_id,)) or []
@@ -683,7 +692,9 @@ def recover(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> d
                     )
                     eval_id = cur.lastrowid
                     marks = ", ".join("?" * len(results[0]))
-                    c.executemany(f"INSERT INTO results VALUES ({marks})", [(eval_id, *r[1:]) for r in results])
+                    c.executemany(
+                        f"INSERT INTO results VALUES ({marks})", [(eval_id, *r[1:]) for r in results]
+                    )
                 summary["evaluations"] += 1
             alerts = rows(
                 "SELECT step, wall_time, rule, grp, probe_ids, message, action, data FROM alerts WHERE run_id = ?"

@@ -293,6 +293,8 @@ class Monitor:
             path = cfg.history_path or os.path.join(self.output_dir, "history.sqlite")
             self.history = HistoryStore(path, timeout=self.history_timeout)
             self.run_id = self.history.find_run(self.run_name, source) if resume else None
+            if self.run_id is not None and source == "live":
+                self._check_definitions(self.history.run_config(self.run_id))
         stored = self.history.panel(self.run_id) if self.run_id is not None and source == "live" else []
         if stored:  # a resumed run keeps the probes it started with
             self.panel = Panel(Probe(tuple(p["tokens"]), p["group"], p["meta"]) for p in stored)
@@ -326,6 +328,20 @@ class Monitor:
             "cadence": self.cadence.state_dict(),
             "evaluated_steps": self.evaluated_steps,
         }
+
+    def _check_definitions(self, stored: Mapping[str, Any]) -> None:
+        """A resumed run measures what it measured before: refuse a config that changes a definition."""
+        changed = [
+            f"{name}={value!r} (recorded with {stored[name]!r})"
+            for name, value in self.config.definitions().items()
+            if name in stored and stored[name] != value
+        ]
+        if changed:
+            raise SetupError(
+                f"resuming run {self.run_name!r} with {', '.join(changed)} would change what its numbers mean; "
+                "resume with the settings it was recorded with, or record into a new run (run_name=... or a new "
+                "output_dir)"
+            )
 
     def _replay(self) -> None:
         """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
@@ -634,6 +650,10 @@ class Monitor:
         t0 = time.perf_counter()
         record = None
         error: Exception | None = None
+        # Per-probe state advances only with an evaluation the history holds, so that a resumed run's replay
+        # and the live run agree on every transition.
+        before = self.tracker.snapshot()
+        recorded = True
         try:
             result, exposure = self._measure(model, progress)
             record = build_record(
@@ -652,13 +672,14 @@ class Monitor:
             )
             self.last_record = record
             if self.is_main:
-                self._write(record, label)
+                recorded = self._write(record, label)
                 self._alert(record)
             self.consecutive_failures = 0
         except Exception as exc:
             error = exc
             self._failed(exc, step)
             record = None
+            recorded = False
         duration = time.perf_counter() - t0
         self.cadence.evaluated(step, duration)
         # Rank 0 decides for every rank: whether the evaluation counts, what the alerts asked for, the next
@@ -672,8 +693,11 @@ class Monitor:
                 "interval": self.cadence.interval,
                 "eval_cost": self.cadence.eval_cost,
                 "error": None if error is None else f"{type(error).__name__}: {error}",
+                "recorded": recorded,
             }
         )
+        if not decided["recorded"]:
+            self.tracker.restore(before)
         self.cadence.interval, self.cadence.eval_cost = decided["interval"], decided["eval_cost"]
         self.disabled = self.disabled or decided["disabled"]
         self._paused += duration
@@ -871,8 +895,9 @@ class Monitor:
             out[j] = exposure(float(nll[0]), nll[1:])
         return out
 
-    def _write(self, record: EvalRecord, label: str | None = None) -> None:
-        """History, TensorBoard and console, each on its own: one failing writer does not stop the others."""
+    def _write(self, record: EvalRecord, label: str | None = None) -> bool:
+        """History, TensorBoard and console, each on its own: one failing writer does not stop the others.
+        True unless the history failed to record the evaluation."""
         r = record.result
         writers: list[tuple[str, Callable[[], Any]]] = []
         if self.history is not None and self.run_id is not None:
@@ -906,10 +931,12 @@ class Monitor:
             writers.append(("tensorboard", lambda: self.tensorboard.write(record)))
         if self.console is not None:
             writers.append(("console", lambda: self.console.write(record)))
+        recorded = True
         for name, write in writers:
             try:
                 write()
             except Exception as exc:
+                recorded = recorded and name != "history"
                 key = f"writer:{name}"
                 what = f"{type(exc).__name__}: {exc}"
                 self.failures.append(f"step {record.step}: {name} writer: {what}")
@@ -929,6 +956,7 @@ class Monitor:
                     )
                 if self.config.strict:
                     raise
+        return recorded
 
     def finish(self, model: Any, step: int) -> EvalRecord | None:
         """End of training: a final evaluation (unless this step was just evaluated), then close the outputs."""

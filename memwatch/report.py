@@ -234,22 +234,37 @@ def render_csv(history: History) -> str:
 
 
 def write_pythia_csv(history: History, out_dir: str) -> list[str]:
-    """Pythia-style memorization scores: one `index,score` CSV per evaluation (checkpoint).
+    """Pythia-style memorization scores: one `index,score` CSV per evaluation (checkpoint), over the training
+    sequences (the `train` group).
 
-    index: the probe's position in its source dataset when known (sampled windows), else in the panel;
-    score: the match ratio (Biderman et al. 2023's memorization score).
+    index: the probe's row in its source dataset when known (sampled windows), else its panel position; an example
+    that gave several windows is scored once, by its first window (Pythia scores a sequence from its start).
+    score: the match ratio (Biderman et al. 2023's memorization score), which needs mode "full".
     """
+    runs = history.all_runs()
+    exact_mode = [r.name for r in runs if any(spec.get("mode") == "exact" for spec in r.specs)]
+    if exact_mode:
+        raise ValueError(
+            f"pythia-csv writes match ratios, which mode 'exact' does not measure (run {exact_mode[0]!r}); "
+            "scan the checkpoints with --mode full for Pythia-style scores"
+        )
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for run in history.all_runs():
-        index = [int(m.get("source_index", i)) for i, m in enumerate(run.metas)]
+    for run in runs:
+        first: dict[int, int] = {}  # source index -> the panel row of its first window
+        for i in np.flatnonzero(run.groups == "train").tolist():
+            meta = run.metas[i]
+            index = int(meta.get("source_index", i))
+            j = first.get(index)
+            if j is None or int(meta.get("start", 0)) < int(run.metas[j].get("start", 0)):
+                first[index] = i
         for e, step in enumerate(run.steps.tolist()):
             path = os.path.join(out_dir, f"{_slug(run.name)}-step{step}.csv")
             with open(path, "w", newline="") as f:
                 w = csv.writer(f, lineterminator="\n")
                 w.writerow(["index", "score"])
-                for i in np.argsort(index, kind="stable"):
-                    w.writerow([index[i], repr(float(run.match_ratio[e, i]))])
+                for index in sorted(first):
+                    w.writerow([index, repr(float(run.match_ratio[e, first[index]]))])
             paths.append(path)
     return paths
 

@@ -156,8 +156,38 @@ def test_csv_and_pythia_csv(tmp_path, capsys):
     assert main(["report", str(path), "--format", "pythia-csv", "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["known-step0.csv", "known-step10.csv", "known-step20.csv"]
     lines = (out / "known-step10.csv").read_text().splitlines()
-    assert lines[0] == "index,score" and lines[1:] == ["0,1.0", "1,0.75", "2,0.0", "3,1.0"]
+    assert lines[0] == "index,score" and lines[1:] == ["0,1.0", "1,0.75"]  # the training sequences only
     assert main(["report", str(path), "--format", "pythia-csv"]) == 2
+    # Two windows of one example: scored once, by its first window; an exact-mode history is refused.
+    h = HistoryStore(tmp_path / "windows.sqlite")
+    run = h.add_run("w")
+    metas = [
+        {"source_index": 7, "start": 40},
+        {"source_index": 7, "start": 0},
+        {"source_index": 3, "start": 0},
+    ]
+    h.add_probes(run, [(f"p{i}", [i] * 8, "train", m) for i, m in enumerate(metas)])
+    cols = {
+        "exact": np.zeros(3, bool),
+        "match_ratio": np.array([0.25, 0.5, 0.75], np.float32),
+        "prefix_match_len": np.zeros(3, int),
+        "suffix_nll": np.ones(3),
+        "near_tie": np.zeros(3, bool),
+        "entropy": np.zeros((3, 6), np.float32),
+    }
+    h.add_evaluation(run, 5, spec=SPEC, probe_ids=["p0", "p1", "p2"], columns=cols)
+    windows = tmp_path / "windows"
+    assert (
+        main(["report", str(tmp_path / "windows.sqlite"), "--format", "pythia-csv", "--out", str(windows)])
+        == 0
+    )
+    assert (windows / "w-step5.csv").read_text().splitlines() == ["index,score", "3,0.75", "7,0.5"]
+    h.add_evaluation(run, 6, spec={**SPEC, "mode": "exact"}, probe_ids=["p0", "p1", "p2"], columns=cols)
+    h.close()
+    assert (
+        main(["report", str(tmp_path / "windows.sqlite"), "--format", "pythia-csv", "--out", str(out)]) == 2
+    )
+    assert "mode 'exact' does not measure" in capsys.readouterr().err
 
 
 def test_html_report_is_self_contained_with_tables_and_charts(tmp_path):
@@ -323,7 +353,9 @@ def test_recover_command_copies_the_readable_evaluations(tmp_path):
     damaged = _damaged_history(tmp_path / "damaged.sqlite")
     before = damaged.read_bytes()
     cmd = [sys.executable, "-m", "memwatch.cli"]
-    run = subprocess.run([*cmd, "recover", str(damaged), str(tmp_path / "new.sqlite")], capture_output=True, text=True)
+    run = subprocess.run(
+        [*cmd, "recover", str(damaged), str(tmp_path / "new.sqlite")], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     assert "recovered 1 run(s)" in run.stdout and "lost" in run.stdout
     assert damaged.read_bytes() == before
