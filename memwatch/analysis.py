@@ -38,6 +38,11 @@ def _nan_mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
+def _nan_median(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else math.nan
+
+
 def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
@@ -173,7 +178,7 @@ class RunData:
                         "mean_match_ratio": _clean(_nan_mean(self.match_ratio[e, r])),
                         "mean_edit_similarity": _clean(_nan_mean(self.edit_similarity[e, r])),
                         "mean_suffix_nll": _clean(_nan_mean(self.suffix_nll[e, r])),
-                        "mean_exposure": _clean(_nan_mean(self.exposure[e, r])),
+                        "median_exposure": _clean(_nan_median(self.exposure[e, r])),
                         "buckets": dict(zip(metrics.BUCKET_NAMES, counts.tolist(), strict=True)),
                     }
                 )

@@ -105,7 +105,7 @@ def render_text(
                 _f(row["mean_match_ratio"]),
                 _f(row["mean_edit_similarity"]),
                 _f(row["mean_suffix_nll"]),
-                _f(row["mean_exposure"], ".1f"),
+                _f(row["median_exposure"], ".1f"),
             )
         console.print(t)
         a = _pick(run, from_step, 0)
@@ -408,7 +408,7 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                             [
                                 next(
                                     (
-                                        r["mean_exposure"]
+                                        r["median_exposure"]
                                         for r in tier_rows
                                         if r["step"] == st and r["repetitions"] == rep
                                     ),
@@ -437,7 +437,7 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                         _f(r["mean_match_ratio"]),
                         _f(r["mean_edit_similarity"]),
                         _f(r["mean_suffix_nll"]),
-                        _f(r["mean_exposure"], ".1f"),
+                        _f(r["median_exposure"], ".1f"),
                     ]
                     for r in series
                 ],
@@ -472,8 +472,8 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                             f"{r['repetitions']}x",
                             f"{r['inserted_extracted']}/{r['inserted']}",
                             f"{r['twins_extracted']}/{r['twins']}",
-                            _f(r["mean_exposure"], ".1f"),
-                            _f(r["twins_mean_exposure"], ".1f"),
+                            _f(r["median_exposure"], ".1f"),
+                            _f(r["twins_median_exposure"], ".1f"),
                             r["first_memorized_step"] if r["first_memorized_step"] is not None else "-",
                         ]
                         for r in tier_rows
@@ -556,7 +556,7 @@ def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
         "mean_match_ratio",
         "mean_edit_similarity",
         "mean_suffix_nll",
-        "mean_exposure",
+        "median_exposure",
     )
     final = []
     for g in groups:
@@ -610,7 +610,7 @@ def render_compare(d: dict[str, Any], width: int = 120) -> str:
             ("mean_match_ratio", "match ratio", ".3f"),
             ("mean_edit_similarity", "edit similarity", ".3f"),
             ("mean_suffix_nll", "suffix NLL", ".3f"),
-            ("mean_exposure", "exposure (bits)", ".1f"),
+            ("median_exposure", "exposure (bits)", ".1f"),
         ):
             v = row[m]
             if v["a"] is None and v["b"] is None:

@@ -44,15 +44,19 @@ GROUP_TAGS: tuple[tuple[str, str, str], ...] = (
         "scalar",
         "mean entropy over the first j generated positions (greedy path; teacher-forced in mode exact)",
     ),
-    ("mean_exposure", "scalar", "mean canary exposure in bits (canary groups, when exposure is computed)"),
+    (
+        "median_exposure",
+        "scalar",
+        "median canary exposure in bits (canary groups, when exposure is computed)",
+    ),
     ("match_ratio", "histogram", "match ratios of the group's probes"),
     ("entropy_profile", "image", "mean entropy profile per bucket across the boundary"),
 )
 TIER_TAGS: tuple[tuple[str, str, str], ...] = (
     ("extraction_rate", "scalar", "share of the tier's inserted canaries extracted exactly"),
     ("twins_extraction_rate", "scalar", "the same for its never-inserted twins: the false-positive rate"),
-    ("mean_exposure", "scalar", "mean exposure (bits) of the tier's inserted canaries"),
-    ("twins_mean_exposure", "scalar", "mean exposure of its twins (the control)"),
+    ("median_exposure", "scalar", "median exposure (bits) of the tier's inserted canaries"),
+    ("twins_median_exposure", "scalar", "median exposure of its twins (the control)"),
     ("mean_match_ratio", "scalar", "mean match ratio of the tier's inserted canaries"),
 )
 RUN_TAGS: tuple[tuple[str, str, str], ...] = (
@@ -83,7 +87,7 @@ def _layout(groups: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
         "mean suffix NLL": "mean_suffix_nll",
         "newly memorized": "newly_memorized",
         "forgotten": "forgotten",
-        "mean exposure": "mean_exposure",
+        "median exposure": "median_exposure",
     }
     layout: dict[str, dict[str, list[Any]]] = {
         "memwatch: all groups": {
@@ -93,8 +97,8 @@ def _layout(groups: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
     layout["memwatch: canaries (dose-response)"] = {
         "extraction rate by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/extraction_rate$"]],
         "twins' extraction rate by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_extraction_rate$"]],
-        "exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/mean_exposure$"]],
-        "twins' exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_mean_exposure$"]],
+        "exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/median_exposure$"]],
+        "twins' exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_median_exposure$"]],
     }
     for g in groups:
         sg = re.escape(_safe(g))
@@ -138,7 +142,7 @@ class TensorBoardReporter:
                 "newly_memorized": st.newly_memorized,
                 "forgotten": st.forgotten,
                 "rememorized": st.rememorized,
-                "mean_exposure": st.mean_exposure,
+                "median_exposure": st.median_exposure,
             }
             for name, value in scalars.items():
                 if value is not None and not (isinstance(value, float) and math.isnan(value)):
@@ -167,8 +171,8 @@ class TensorBoardReporter:
             values = {
                 "extraction_rate": row["inserted_extracted"] / row["inserted"] if row["inserted"] else None,
                 "twins_extraction_rate": row["twins_extracted"] / row["twins"] if row["twins"] else None,
-                "mean_exposure": row["mean_exposure"],
-                "twins_mean_exposure": row["twins_mean_exposure"],
+                "median_exposure": row["median_exposure"],
+                "twins_median_exposure": row["twins_median_exposure"],
                 "mean_match_ratio": row["mean_match_ratio"],
             }
             for name, value in values.items():
