@@ -186,10 +186,15 @@ class HistoryStore:
                     f"no history at {self.path}: run a training with memwatch or `memwatch scan` first"
                 )
         else:
+            from .files import private_makedirs, refuse_link
+
             parent = os.path.dirname(os.path.abspath(self.path))
             try:
-                os.makedirs(parent, exist_ok=True)
+                private_makedirs(parent)
+                refuse_link(self.path, "the history")
                 created = _create_private(self.path)
+            except NotADirectoryError as exc:
+                raise HistoryError(f"cannot create the history at {self.path}: {exc}") from exc
             except OSError as exc:
                 raise HistoryError(
                     f"cannot create the history at {self.path}: {exc.strerror or exc}. Choose a writable location "
@@ -506,6 +511,20 @@ class HistoryStore:
                 ),
             )
             return int(cur.lastrowid)
+
+    def delete_empty_run(self, run_id: int) -> bool:
+        """Remove a run that holds no evaluation and no alert (a setup that failed after creating it)."""
+        with self.transaction() as c:
+            used = c.execute(
+                "SELECT (SELECT count(*) FROM evals WHERE run_id = ?) + (SELECT count(*) FROM alerts WHERE run_id = ?)",
+                (run_id, run_id),
+            ).fetchone()[0]
+            if used:
+                return False
+            c.execute("DELETE FROM run_probes WHERE run_id = ?", (run_id,))
+            c.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        self._positions.pop(run_id, None)
+        return True
 
     def truncate_after(self, run_id: int, step: int) -> int:
         """Delete a run's evaluations and alerts after `step` (a resumed run replaces them); returns how many evals."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -172,6 +173,9 @@ class Monitor:
             None  # the last step seen (saved with the state: a resume continues from it)
         )
         self.failures: list[str] = []  # every failure, as "step N: Type: message"
+        # What each writer lost: name -> {"count", "first_step", "last_step", "last_error"}; summarized at the end.
+        self.losses: dict[str, dict[str, Any]] = {}
+        self._incidents: dict[str, int] = {}  # repeated incidents are counted, not re-announced
         self.consecutive_failures = 0
         self.disabled = False
         self.batch_size: int | None = self.config.batch_size  # lowered on out-of-memory, then remembered
@@ -287,6 +291,7 @@ class Monitor:
     ) -> dict[str, Any]:
         cfg = self.config
         resume = start_step > 0 or source == "scan"  # a scan continues its run; a resumed training too
+        new_run = None  # the run this setup adds, removed again if the setup fails
         if cfg.history:
             from .history import HistoryStore
 
@@ -305,6 +310,7 @@ class Monitor:
         self._tokens = self.panel.tokens(cfg.prefix_len + cfg.suffix_len)
         self.tracker = ProbeTracker(len(self.panel))
         self._check_model(model)
+        self._check_alert_groups()
         if self.history is not None:
             if self.run_id is not None and source == "live":
                 removed = self.history.truncate_after(self.run_id, start_step)
@@ -316,18 +322,41 @@ class Monitor:
                 self.run_id = self.history.add_run(
                     self.run_name, source=source, model=model_name, config=cfg.to_dict()
                 )
+                new_run = self.run_id
             self.history.add_probes(
                 self.run_id, [(p.id, p.tokens, p.group, p.meta) for p in self.panel.probes]
             )
-        self._open_reporters(start_step if resume and source == "live" else 0)
-        if self.run_id is not None and source == "live" and resume:
-            self._replay()
+        try:
+            self._open_reporters(start_step if resume and source == "live" else 0)
+            if self.run_id is not None and source == "live" and resume:
+                self._replay()
+        except Exception:
+            if new_run is not None and self.history is not None:  # no empty run left for every report to list
+                self.history.delete_empty_run(new_run)
+            raise
         return {
             "panel": [(p.tokens, p.group, dict(p.meta)) for p in self.panel.probes],
             "tracker": self.tracker.state_dict(),
             "cadence": self.cadence.state_dict(),
             "evaluated_steps": self.evaluated_steps,
         }
+
+    def _check_alert_groups(self) -> None:
+        """A rule you configured for a group the panel does not have could never fire: say so at setup."""
+        from .config import AlertConfig
+
+        acfg, default = self.config.alerts, AlertConfig()
+        if not acfg.enabled or self.panel is None:
+            return
+        named = set(acfg.extraction_rate) if acfg.extraction_rate != default.extraction_rate else set()
+        if acfg.leak_groups != default.leak_groups:
+            named |= set(acfg.leak_groups)
+        unknown = sorted(named - set(self.panel.group_names()))
+        if unknown:
+            raise SetupError(
+                f"AlertConfig names group(s) {unknown} that the panel does not have, so those rules could never "
+                f"fire; the panel's groups are {self.panel.group_names()}"
+            )
 
     def _check_definitions(self, stored: Mapping[str, Any]) -> None:
         """A resumed run measures what it measured before: refuse a config that changes a definition."""
@@ -592,7 +621,7 @@ class Monitor:
         if acfg.webhook_url:
             hook = WebhookSink(acfg.webhook_url, acfg.webhook_timeout, acfg.webhook_retries, self.run_name)
             grace = min(10.0, acfg.webhook_timeout * (acfg.webhook_retries + 1) + 1)
-            sinks.add("webhook", hook, close=lambda: hook.close(grace))
+            sinks.add("webhook", hook, close=lambda: hook.close(grace), undelivered=hook.undelivered)
         self.alert_sinks = sinks
 
     def _describe(self, i: int) -> str | None:
@@ -838,13 +867,45 @@ class Monitor:
                 self.console.warn(message)
             self._record_incident(step, "monitor_disabled", message)
 
-    def _record_incident(self, step: int, rule: str, message: str) -> None:
-        """A monitor failure is an alert of its own: in the history, the JSONL file and the logs."""
+    def _record_incident(self, step: int, rule: str, message: str, key: str | None = None) -> None:
+        """A monitor failure is an alert of its own: in the history, the JSONL file and the logs. An incident
+        with the same `key` as an earlier one is only counted (the end-of-run summary reports it)."""
+        if key is not None:
+            self._incidents[key] = self._incidents.get(key, 0) + 1
+            if self._incidents[key] > 1:
+                return
         if not self.is_main or self.alert_sinks is None:
             return
         from .alerts import Alert
 
         self.alert_sinks.emit(Alert(step, rule, None, [], message))
+
+    def _lost(self, writer: str, step: int, error: str) -> None:
+        entry = self.losses.setdefault(writer, {"count": 0, "first_step": step, "last_step": step})
+        entry["count"] += 1
+        entry["last_step"] = step
+        entry["last_error"] = error
+
+    def loss_summary(self) -> str | None:
+        """One paragraph: what each writer and alert sink lost during the run; None if nothing was lost."""
+        parts = []
+        total = len(self.evaluated_steps)
+        for writer, e in self.losses.items():
+            span = (
+                f"step {e['first_step']}"
+                if e["first_step"] == e["last_step"]
+                else (f"steps {e['first_step']}-{e['last_step']}")
+            )
+            parts.append(
+                f"{writer}: {e['count']} of {total} evaluation(s) not written ({span}; last error: {e['last_error']})"
+            )
+        if self.alert_sinks is not None:
+            for sink, n in self.alert_sinks.undelivered().items():
+                if n:
+                    parts.append(f"alerts not delivered to {sink}: {n}")
+        if not parts:
+            return None
+        return "memwatch lost data during this run: " + "; ".join(parts)
 
     def _exposure_due(self) -> bool:
         if self.manifest is None or not self.manifest.references or self.panel is None:
@@ -940,6 +1001,7 @@ class Monitor:
                 key = f"writer:{name}"
                 what = f"{type(exc).__name__}: {exc}"
                 self.failures.append(f"step {record.step}: {name} writer: {what}")
+                self._lost(name, record.step, what)
                 if key not in self._warned:
                     self._warned.add(key)
                     log.error(
@@ -952,7 +1014,10 @@ class Monitor:
                         self.console.warn(f"memwatch: writing the {name} failed: {what}")
                 if name != "history":
                     self._record_incident(
-                        record.step, "monitor_error", f"memwatch could not write the {name}: {what}"
+                        record.step,
+                        "monitor_error",
+                        f"memwatch could not write the {name}: {what} (repeats are counted in the summary at the end)",
+                        key=f"{key}:{type(exc).__name__}",
                     )
                 if self.config.strict:
                     raise
@@ -976,6 +1041,8 @@ class Monitor:
     def close(self) -> None:
         if self.alert_sinks is not None:
             self.alert_sinks.close()  # waits a bounded time for webhook posts in flight
+        if self.ready:
+            self._report_losses()
         for sink in (self.tensorboard, self.history):
             if sink is not None:
                 try:
@@ -984,6 +1051,23 @@ class Monitor:
                     log.warning("memwatch: closing %s failed: %s", type(sink).__name__, exc)
         self.tensorboard = self.history = self.alert_sinks = None
         self.ready = False
+
+    def _report_losses(self) -> None:
+        """At the end of a run, say what was lost (writers that failed, alerts not delivered): in the log, the
+        console, the failures list and, where they still work, the history's incidents and the JSONL file."""
+        summary = self.loss_summary()
+        if summary is None or not self.is_main:
+            return
+        self.failures.append(summary)
+        log.warning(summary)
+        if self.console is not None:
+            with contextlib.suppress(Exception):
+                self.console.warn(summary)
+        if self.alert_sinks is not None:
+            from .alerts import Alert
+
+            step = self.last_step if self.last_step is not None else 0
+            self.alert_sinks.emit(Alert(step, "monitor_losses", None, [], summary), only=("history", "jsonl"))
 
     # --- state for framework checkpoints (Accelerate, Lightning) ------------------------------------------------
 

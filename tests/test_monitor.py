@@ -145,6 +145,21 @@ def test_setup_errors_are_clear(tmp_path):
         )
     with pytest.raises(TypeError, match="MonitorConfig"):
         Monitor({"every_n_steps": 5})
+    from memwatch import AlertConfig
+
+    for alerts in (AlertConfig(extraction_rate={"trian": 0.1}), AlertConfig(leak_groups=("held_out",))):
+        with pytest.raises(
+            SetupError, match=r"names group\(s\) \['(trian|held_out)'\] that the panel does not"
+        ):
+            Monitor(
+                MonitorConfig(prefix_len=16, suffix_len=16, console=False, alerts=alerts),
+                probes=[{"input_ids": [1] * 40, "group": "train"}],
+            ).setup(model, output_dir=tmp_path)
+    # The defaults name groups a panel may lack (no canaries here): not an error.
+    Monitor(
+        MonitorConfig(prefix_len=16, suffix_len=16, console=False, history=False, tensorboard=False),
+        probes=[[1] * 40],
+    ).setup(model, output_dir=tmp_path)
 
 
 def test_user_text_probes_with_a_tokenizer_and_short_ones_filtered(tmp_path, caplog):

@@ -186,8 +186,20 @@ def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cb = MemWatchCallback(cfg(output_dir=str(blocker / "memwatch")))
-    with pytest.raises(SetupError, match="cannot create the history"):
+    with pytest.raises(SetupError, match=r"cannot create the history .* is a file, not a directory"):
         make_trainer(tmp_path / "run", [cb], steps=5).train()
+
+
+def test_a_setup_that_fails_partway_leaves_no_empty_run(tmp_path):
+    """The history opens, the run is created, then TensorBoard cannot start: no run stays behind for reports."""
+    blocker = tmp_path / "tb_is_a_file"
+    blocker.write_text("x")
+    out = tmp_path / "run"
+    cb = MemWatchCallback(cfg(tensorboard_dir=str(blocker / "tb")))
+    with pytest.raises(SetupError, match="cannot write TensorBoard logs"):
+        make_trainer(out, [cb], steps=5).train()
+    with HistoryStore(out / "memwatch" / "history.sqlite", readonly=True) as h:
+        assert h.runs() == []
 
 
 def test_a_model_that_cannot_be_decoded(tmp_path):
@@ -232,3 +244,47 @@ def test_model_is_unaffected_by_failures(tmp_path, monkeypatch):
     b.train()
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+_DISK_FILLS_UP = """
+import os, resource, signal, sys
+sys.path.insert(0, {tests!r})
+from test_trainer import K, M, make_trainer
+from transformers import TrainerCallback
+from memwatch import MemWatchCallback, MonitorConfig
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+
+
+class DiskFillsUp(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 3:  # no file may grow any more: the disk is full from here on
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+cfg = MonitorConfig(every_n_steps=2, prefix_len=K, suffix_len=M, console=True)
+cb = MemWatchCallback(cfg)
+trainer = make_trainer(sys.argv[1], [DiskFillsUp(), cb], steps=20)
+trainer.train()
+print("trained", trainer.state.global_step, "evaluated", len(cb.monitor.evaluated_steps))
+print("losses", {{k: v["count"] for k, v in cb.monitor.losses.items()}})
+"""
+
+
+def test_a_disk_that_fills_up_mid_run_is_told_once_and_summarized_at_the_end(tmp_path):
+    import subprocess
+    import sys
+
+    script = _DISK_FILLS_UP.format(tests=os.path.dirname(__file__))
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert "trained 20 evaluated 11" in out  # training finished and every evaluation was measured
+    # Steps 0 and 2 were recorded; 4..20 (9 evaluations) were lost by the history and by TensorBoard.
+    assert "losses {'history': 9, 'tensorboard': 9}" in out
+    assert "memwatch lost data during this run: history: 9 of 11 evaluation(s) not written (steps 4-20" in out
+    assert "tensorboard: 9 of 11 evaluation(s) not written" in out
+    # One red panel for the broken TensorBoard writer, not one per evaluation.
+    assert out.count("memwatch could not write the tensorboard") == 1, out[-4000:]

@@ -121,8 +121,13 @@ class TensorBoardReporter:
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = os.fspath(log_dir)
+        from ..files import private_makedirs
+
+        self.log_dir = private_makedirs(log_dir)
+        before = set(os.listdir(self.log_dir))
         self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+        for name in set(os.listdir(self.log_dir)) - before:  # the event file, created with the umask's mode
+            os.chmod(os.path.join(self.log_dir, name), 0o600)
         self.groups = list(groups)
         self.writer.add_custom_scalars(_layout(self.groups))
 
