@@ -354,6 +354,7 @@ class AlertSinks:
         self._broken: set[str] = set()
         self.failed: dict[str, int] = {}  # sink -> alerts it failed to take
         self._pending: dict[str, Callable[[], int]] = {}  # sink -> how many it lost after taking them
+        self._flushers: list[tuple[str, Callable[[], Any]]] = []
 
     def add(
         self,
@@ -361,10 +362,14 @@ class AlertSinks:
         sink: Callable[[Alert], Any],
         close: Callable[[], Any] | None = None,
         undelivered: Callable[[], int] | None = None,
+        flush: Callable[[], Any] | None = None,
     ) -> None:
+        """A sink; `flush` (optional) is called once the alerts of an evaluation are all emitted."""
         self.sinks.append((name, sink))
         if close is not None:
             self.closers.append(close)
+        if flush is not None:
+            self._flushers.append((name, flush))
         if undelivered is not None:
             self._pending[name] = undelivered
 
@@ -388,6 +393,14 @@ class AlertSinks:
                     log.exception(
                         "memwatch: the %s alert sink failed; other sinks and training continue", name
                     )
+
+    def flush(self) -> None:
+        for name, flush in self._flushers:
+            try:
+                flush()
+            except Exception:
+                self.failed[name] = self.failed.get(name, 0) + 1
+                log.exception("memwatch: the %s alert sink failed; other sinks and training continue", name)
 
     def close(self) -> None:
         for close in self.closers:

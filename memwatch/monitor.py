@@ -615,7 +615,8 @@ class Monitor:
             )
         if self.tensorboard is not None:
             tb = self.tensorboard
-            sinks.add("tensorboard", lambda a: tb.write_text("alerts", f"**{a.rule}** — {a.message}", a.step))
+            # Buffered: TensorBoard keeps one text entry per tag and step, so all of a step's alerts go in one.
+            sinks.add("tensorboard", tb.add_alert, flush=tb.flush_alerts)
         if acfg.on_alert is not None:
             sinks.add("on_alert", acfg.on_alert)
         if acfg.webhook_url:
@@ -838,6 +839,8 @@ class Monitor:
                 self.alert_sinks.emit(alert)
             if alert.action:
                 record.actions.update(alert.action.split(","))
+        if self.alert_sinks is not None:
+            self.alert_sinks.flush()
         record.alerts = alerts
         self.alerts.extend(alerts)
 
@@ -879,6 +882,7 @@ class Monitor:
         from .alerts import Alert
 
         self.alert_sinks.emit(Alert(step, rule, None, [], message))
+        self.alert_sinks.flush()
 
     def _lost(self, writer: str, step: int, error: str) -> None:
         entry = self.losses.setdefault(writer, {"count": 0, "first_step": step, "last_step": step})

@@ -408,6 +408,7 @@ def test_console_alerts_show_brackets_as_text():
     assert "[prefix 'a[/]b', suffix 'c']" in out.getvalue() and "[the history]" in out.getvalue()
 
 
+@pytest.mark.monitor_failures
 def test_posts_in_flight_at_shutdown_are_counted_and_reported(tmp_path, caplog):
     """A server that never answers: at the end the posts still in flight are abandoned, and the run says so (sent,
     failed, abandoned), in the log and in the monitor's end-of-run summary."""

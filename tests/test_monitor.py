@@ -247,6 +247,7 @@ def test_a_resume_that_changes_a_definition_is_refused(tmp_path):
     same.close()
 
 
+@pytest.mark.monitor_failures
 def test_an_evaluation_the_history_lost_does_not_advance_the_probes_state(tmp_path, monkeypatch):
     """Live transitions equal the ones a replay of the history gives, even when one evaluation was not recorded."""
     from memwatch import History

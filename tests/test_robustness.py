@@ -25,6 +25,7 @@ def alerts_of(out):
         return h.alerts()
 
 
+@pytest.mark.monitor_failures
 def test_an_exception_in_extraction_is_logged_recorded_and_training_goes_on(tmp_path, monkeypatch, caplog):
     real = memwatch.extraction.extract
     calls = {"n": 0}
@@ -48,6 +49,7 @@ def test_an_exception_in_extraction_is_logged_recorded_and_training_goes_on(tmp_
     assert [a["step"] for a in incidents] == [5, 10] and "injected failure" in incidents[0]["message"]
 
 
+@pytest.mark.monitor_failures
 def test_repeated_failures_switch_the_monitor_off_and_strict_raises(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise ValueError("always broken")
@@ -86,6 +88,7 @@ def test_out_of_memory_halves_the_batch_and_remembers(tmp_path, monkeypatch):
     assert seen[:4] == [16, 8, 4, 2] and seen[4:] == [2, 2]  # remembered for the next evaluations
 
 
+@pytest.mark.monitor_failures
 def test_a_full_disk_for_the_history_and_a_broken_tensorboard_do_not_stop_training(
     tmp_path, monkeypatch, caplog
 ):
@@ -231,6 +234,7 @@ def test_a_tokenizer_without_a_pad_token_is_fine(tmp_path):
     assert "user" in cb.monitor.panel.group_names() and cb.monitor.evaluated_steps == [0, 5]
 
 
+@pytest.mark.monitor_failures
 def test_model_is_unaffected_by_failures(tmp_path, monkeypatch):
     """A failing monitor leaves training bitwise identical to a run without it."""
 

@@ -262,6 +262,7 @@ def test_a_full_size_canary_manifest_is_recognized(tmp_path):
     assert items == [] and loaded is not None and len(loaded.canaries) == 16
 
 
+@pytest.mark.monitor_failures
 def test_a_checkpoint_that_fails_fails_the_scan(tmp_path, trained_with_checkpoints, monkeypatch, capsys):
     import memwatch.extraction
 

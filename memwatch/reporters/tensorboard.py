@@ -62,6 +62,7 @@ TIER_TAGS: tuple[tuple[str, str, str], ...] = (
 RUN_TAGS: tuple[tuple[str, str, str], ...] = (
     ("eval_seconds", "scalar", "wall time of the evaluation"),
     ("probes", "scalar", "panel size"),
+    ("alerts", "text", "every alert of the step, one entry per step (rule and message)"),
 )
 
 
@@ -129,6 +130,7 @@ class TensorBoardReporter:
         for name in set(os.listdir(self.log_dir)) - before:  # the event file, created with the umask's mode
             os.chmod(os.path.join(self.log_dir, name), 0o600)
         self.groups = list(groups)
+        self._alerts: dict[int, list[str]] = {}
         self.writer.add_custom_scalars(_layout(self.groups))
 
     def write(self, record: EvalRecord) -> None:
@@ -185,8 +187,15 @@ class TensorBoardReporter:
                     w.add_scalar(f"{base}/{name}", value, step)
         self.writer.flush()
 
-    def write_text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(f"{PREFIX}/{tag}", text, step)
+    def add_alert(self, alert: Any) -> None:
+        """Buffer an alert until flush_alerts(): TensorBoard keeps one text entry per tag and step, so every alert
+        of a step goes into one entry (one alert never hides another)."""
+        self._alerts.setdefault(alert.step, []).append(f"- **{alert.rule}** — {alert.message}")
+
+    def flush_alerts(self) -> None:
+        for step, lines in sorted(self._alerts.items()):
+            self.writer.add_text(f"{PREFIX}/alerts", "\n".join(lines), step)
+        self._alerts.clear()
         self.writer.flush()
 
     def close(self) -> None:
@@ -206,8 +215,11 @@ def export_history(history: Any, log_dir: str | os.PathLike[str]) -> list[str]:
         reporter = TensorBoardReporter(path, run.group_names())
         for _e, record in run.records():
             reporter.write(record)
+        from types import SimpleNamespace
+
         for alert in history.store.alerts(run.run_id):
-            reporter.write_text("alerts", f"**{alert['rule']}** — {alert['message']}", alert["step"])
+            reporter.add_alert(SimpleNamespace(**alert))
+        reporter.flush_alerts()
         reporter.close()
         written.append(path)
     return written
