@@ -272,9 +272,37 @@ def test_alert_config_validation(kwargs, message):
         MonitorConfig(alerts={"enabled": True})
 
 
-def test_webhook_url_is_never_stored():
-    cfg = MonitorConfig(alerts=AlertConfig(webhook_url="https://hooks.example/T000/SECRET"))
-    assert "SECRET" not in json.dumps(cfg.to_dict())
+def test_webhook_url_is_never_stored(tmp_path):
+    """Checked in what a real run writes (the history file with its WAL, the JSONL alerts), not only in the config."""
+    from _models import memorizing_panel, trained_model
+
+    from memwatch import Monitor
+
+    server = _Server()
+    try:
+        url = server.url + "/T000/SECRET-TOKEN"
+        cfg = MonitorConfig(
+            prefix_len=16,
+            suffix_len=16,
+            entropy_window=8,
+            console=False,
+            tensorboard=False,
+            alerts=AlertConfig(webhook_url=url),
+        )
+        assert "SECRET" not in json.dumps(cfg.to_dict())
+        train, _ = memorizing_panel(16, 16)
+        monitor = Monitor(cfg)
+        model = trained_model("gpt2", 16, 16)
+        monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in train])
+        written = [tmp_path / "memwatch" / name for name in ("history.sqlite", "history.sqlite-wal")]
+        assert monitor.evaluate(model, 0).alerts
+        files = [p.read_bytes() for p in [*written, tmp_path / "memwatch" / "alerts.jsonl"] if p.exists()]
+        monitor.close()
+        files.append(written[0].read_bytes())
+        assert len(server.bodies) == 1  # the hook was used
+        assert not any(b"SECRET-TOKEN" in data for data in files)
+    finally:
+        server.close()
 
 
 # --- webhook against a real HTTP server -----------------------------------------------------------------------

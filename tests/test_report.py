@@ -157,7 +157,9 @@ def test_csv_and_pythia_csv(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["known-step0.csv", "known-step10.csv", "known-step20.csv"]
     lines = (out / "known-step10.csv").read_text().splitlines()
     assert lines[0] == "index,score" and lines[1:] == ["0,1.0", "1,0.75"]  # the training sequences only
+    capsys.readouterr()
     assert main(["report", str(path), "--format", "pythia-csv"]) == 2
+    assert "--format pythia-csv writes one file per checkpoint: give --out DIR" in capsys.readouterr().err
     # Two windows of one example: scored once, by its first window; an exact-mode history is refused.
     h = HistoryStore(tmp_path / "windows.sqlite")
     run = h.add_run("w")
@@ -249,6 +251,7 @@ def test_compare_two_histories(tmp_path, capsys):
         for line in text.splitlines()
     )
     assert main(["compare", str(a), f"{b}::nope"]) == 2
+    assert "no run 'nope' in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["", "demo", "scan", "report", "compare", "export-tb"])

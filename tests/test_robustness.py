@@ -120,20 +120,54 @@ def test_a_full_disk_for_the_history_and_a_broken_tensorboard_do_not_stop_traini
 
 
 def test_no_network_connection_without_a_webhook(tmp_path, monkeypatch):
+    """Every way out is watched (TCP connect and connect_ex, UDP sendto, DNS lookups), from any thread, through a
+    full run with canaries, exposure, alerts that fire and the console: memwatch's own code opens nothing."""
+    import threading
+    import traceback
+
+    import memwatch
     from memwatch.bytetok import ByteTokenizer
     from memwatch.canaries import inject, make_canaries
 
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"memwatch opened a network connection: {args}")
+    package = os.path.dirname(memwatch.__file__)
+    attempts = []
 
+    def watch(name, real):
+        def wrapper(*args, **kwargs):
+            stack = traceback.extract_stack()
+            if any(f.filename.startswith(package) for f in stack):  # memwatch (and its integrations) only
+                attempts.append((name, threading.current_thread().name, args[1:2]))
+                raise OSError(f"network refused by the test: {name}")
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("connect", "connect_ex", "sendto", "sendmsg"):
+        monkeypatch.setattr(socket.socket, name, watch(name, getattr(socket.socket, name)))
+    for name in ("create_connection", "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+        monkeypatch.setattr(socket, name, watch(name, getattr(socket, name)))
     rows = [{"input_ids": list(range(i, i + 48)), "labels": list(range(i, i + 48))} for i in range(40)]
     man = make_canaries(ByteTokenizer(), tiers=(4,), per_tier=1, prefix_len=K, secret_len=M, references=8)
     data, man = inject(rows, man)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    cb = MemWatchCallback(cfg(exposure_references=8), canaries=man)
+    config = MonitorConfig(
+        every_n_steps=5,
+        prefix_len=K,
+        suffix_len=M,
+        console=True,
+        exposure_references=8,
+        alerts=memwatch.AlertConfig(extraction_rate={"train": 0.01}, exposure_bits=0.5),
+    )
+    cb = MemWatchCallback(config, canaries=man)
     make_trainer(tmp_path, [cb], steps=10, train=data).train()
     assert cb.monitor.evaluated_steps == [0, 5, 10] and not cb.monitor.failures
+    assert not attempts, attempts
+    # The watch itself works: memwatch's webhook does reach for the network, from its own thread.
+    from memwatch.alerts import Alert, WebhookSink
+
+    hook = WebhookSink("http://hooks.invalid/T/SECRET", timeout=1, retries=0)
+    hook(Alert(0, "spike", None, [], "m"))
+    hook.close(grace=5)
+    assert attempts and attempts[0][1] == "memwatch-webhook"
 
 
 # --- bad input at train begin ----------------------------------------------------------------------------------
