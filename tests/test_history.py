@@ -239,3 +239,72 @@ def test_a_history_damaged_mid_file_is_refused_untouched_and_recoverable(tmp_pat
         assert all(len(new.results(e["eval_id"])) == 400 for e in evals)
     with pytest.raises(HistoryError, match="exists"):
         recover(path, tmp_path / "new.sqlite")
+
+
+_WRITER = """
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_history import SPEC, _columns, _store_with_run
+
+path, mode = sys.argv[1], sys.argv[2]
+h, run = _store_with_run(path, n=200)
+ids = [f"p{{i}}" for i in range(200)]
+for step in range(3):
+    h.add_evaluation(run, step, spec=SPEC, probe_ids=ids, columns=_columns(200, step))
+if mode == "kill-mid-write":
+    real = h.conn.executemany
+
+    class Killer:  # the connection's executemany, cut by SIGKILL half-way through the results of step 3
+        def __getattr__(self, name):
+            return getattr(h.conn_real, name)
+
+        def executemany(self, sql, rows):
+            rows = list(rows)
+            if sql.startswith("INSERT INTO results"):
+                real(sql, rows[: len(rows) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(sql, rows)
+
+    h.conn_real = h.conn
+    h.conn = Killer()
+    h.add_evaluation(run, 3, spec=SPEC, probe_ids=ids, columns=_columns(200, 3))
+os._exit(0)  # no close: the last transactions live in the WAL only
+"""
+
+
+def _killed_writer(tmp_path, mode):
+    import subprocess
+    import sys
+
+    path = tmp_path / "h.sqlite"
+    script = _WRITER.format(tests=os.path.dirname(__file__))
+    subprocess.run([sys.executable, "-c", script, str(path), mode], check=False, timeout=300)
+    return path
+
+
+def test_an_evaluation_cut_by_sigkill_in_the_middle_of_its_write_is_not_half_recorded(tmp_path):
+    path = _killed_writer(tmp_path, "kill-mid-write")
+    assert os.path.getsize(str(path) + "-wal") > 0  # the run died with its WAL not checkpointed
+    with HistoryStore(path, readonly=True) as h:
+        run = h.runs()[0]["run_id"]
+        assert [e["step"] for e in h.evals(run)] == [0, 1, 2]  # step 3 is not there at all, not half there
+        assert h.conn.execute("SELECT count(*) FROM results").fetchone()[0] == 3 * 200
+    h = HistoryStore(path)  # and a resumed run can write again
+    h.add_evaluation(run, 3, spec=SPEC, probe_ids=[f"p{i}" for i in range(200)], columns=_columns(200, 3))
+    assert [e["step"] for e in h.evals(run)] == [0, 1, 2, 3]
+    h.close()
+
+
+def test_a_truncated_wal_loses_at_most_the_last_transactions_and_never_the_file(tmp_path):
+    path = _killed_writer(tmp_path, "plain")
+    wal = str(path) + "-wal"
+    size = os.path.getsize(wal)
+    assert size > 0
+    with open(wal, "r+b") as f:  # the WAL cut in the middle of its last frames (a crash, a full disk)
+        f.truncate(size - 5000)
+    with HistoryStore(path, readonly=True) as h:
+        steps = [e["step"] for e in h.evals(h.runs()[0]["run_id"])]
+        assert steps == list(range(len(steps))) and len(steps) < 3  # the cut transaction is gone, whole
+        for e in h.evals(h.runs()[0]["run_id"]):
+            assert len(h.results(e["eval_id"])) == 200
