@@ -112,10 +112,10 @@ def _is_oom(exc: BaseException) -> bool:
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
+    if isinstance(exc, MemoryError):  # Python's own (numpy, host allocations): whatever its message
+        return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError | MemoryError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class EvaluationError(RuntimeError):
@@ -742,48 +742,61 @@ class Monitor:
         return record
 
     def _extract(self, model: Any, tokens: np.ndarray, progress: Any, sync: Any) -> Any:
-        """memwatch.extract, halving the batch on out-of-memory down to 1 and remembering the size that worked."""
-        from .extraction import _auto_batch_size, extract
-        from .modeling import inspect_model
+        """memwatch.extract at the remembered batch size (see _backoff)."""
+        from .extraction import extract
 
         cfg = self.config
+        return self._backoff(
+            model,
+            len(tokens),
+            lambda bs: extract(
+                model,
+                tokens,
+                prefix_len=cfg.prefix_len,
+                suffix_len=cfg.suffix_len,
+                entropy_window=cfg.entropy_window,
+                batch_size=bs,
+                mode=cfg.mode,
+                amp_dtype=self.amp_dtype,
+                progress=progress,
+                sync=sync,
+            ),
+            "extraction",
+            local=sync is None,
+        )
+
+    def _backoff(
+        self, model: Any, rows: int, run: Callable[[int | None], Any], what: str, local: bool
+    ) -> Any:
+        """run(batch_size), halving the batch on out-of-memory down to 1 and remembering the size that worked.
+
+        local=False (synced forwards: FSDP, ZeRO-3): one rank cannot retry alone, the others would wait in a
+        collective; the error goes to every rank (_measure), which retries together when all ran out of memory."""
         while True:
             try:
-                result = extract(
-                    model,
-                    tokens,
-                    prefix_len=cfg.prefix_len,
-                    suffix_len=cfg.suffix_len,
-                    entropy_window=cfg.entropy_window,
-                    batch_size=self.batch_size,
-                    mode=cfg.mode,
-                    amp_dtype=self.amp_dtype,
-                    progress=progress,
-                    sync=sync,
-                )
-                return result
+                return run(self.batch_size)
             except Exception as exc:
-                if not _is_oom(exc) or sync is not None:
+                if not local or not self._halve_batch(model, rows, exc, what):
                     raise
-                if self.batch_size is None:
-                    info = inspect_model(model)
-                    self.batch_size = _auto_batch_size(
-                        info,
-                        len(tokens),
-                        cfg.prefix_len,
-                        cfg.suffix_len,
-                        cfg.entropy_window,
-                        cfg.mode,
-                        4,
-                        None,
-                    )
-                if self.batch_size <= 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                log.warning(
-                    "memwatch: out of memory during extraction; retrying with batch_size=%d", self.batch_size
-                )
-                self._free_memory()
+
+    def _halve_batch(self, model: Any, rows: int, exc: BaseException, what: str) -> bool:
+        """After an out-of-memory error: halve the batch size (from the automatic one if none was set yet) and
+        free memory. False if the error is no out-of-memory or the batch is already 1 (give up)."""
+        if not _is_oom(exc):
+            return False
+        if self.batch_size is None:
+            from .extraction import _auto_batch_size
+            from .modeling import inspect_model
+
+            cfg = self.config
+            k, m, w = cfg.prefix_len, cfg.suffix_len, cfg.entropy_window
+            self.batch_size = _auto_batch_size(inspect_model(model), rows, k, m, w, cfg.mode, 4, None)
+        if self.batch_size <= 1:
+            return False
+        self.batch_size = max(1, self.batch_size // 2)
+        log.warning("memwatch: out of memory during %s; retrying with batch_size=%d", what, self.batch_size)
+        self._free_memory()
+        return True
 
     @staticmethod
     def _free_memory() -> None:
@@ -813,19 +826,30 @@ class Monitor:
             from .modeling import inspect_model
 
             sync = distributed.Sync(inspect_model(model).device)
-        payload: Any
-        error: Exception | None = None
-        try:
-            part = self._extract(model, self._tokens[idx], progress, sync)
-            exp = self._exposure(model, part, idx, sync=sync) if due else None
-            payload = (part.select(slice(0, real)), None if exp is None else exp[:real])
-        except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
-            error = exc
-            payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
-        parts = distributed.all_gather(payload)
-        failed = [p[1] for p in parts if isinstance(p[0], str)]
-        if failed:
-            raise EvaluationError("; ".join(failed)) from error
+        while True:
+            payload: Any
+            error: Exception | None = None
+            try:
+                part = self._extract(model, self._tokens[idx], progress, sync)
+                exp = self._exposure(model, part, idx, sync=sync) if due else None
+                payload = (part.select(slice(0, real)), None if exp is None else exp[:real])
+            except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
+                error = exc
+                kind = "oom" if _is_oom(exc) else "error"
+                payload = (kind, f"rank {rank}: {type(exc).__name__}: {exc}")
+            parts = distributed.all_gather(payload)
+            failed = [p for p in parts if isinstance(p[0], str)]
+            if not failed:
+                break
+            # Out of memory on every rank (synced forwards fail together): all halve the batch and retry together.
+            every_rank_oom = len(failed) == len(parts) and all(p[0] == "oom" for p in parts)
+            if (
+                sync is not None
+                and every_rank_oom
+                and self._halve_batch(model, len(idx), error, "extraction")
+            ):
+                continue
+            raise EvaluationError("; ".join(p[1] for p in failed)) from error
         result = ExtractionResult.concat([p[0] for p in parts])
         exposure = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
         return result, exposure
@@ -923,6 +947,15 @@ class Monitor:
     def _exposure(self, model: Any, result: Any, rows: np.ndarray, sync: Any = None) -> np.ndarray:
         """Exposure of every canary and twin among `rows` (panel indices, in the order of `result`): its secret
         ranked among R references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
+        return self._backoff(
+            model,
+            self.config.exposure_references + 1,
+            lambda bs: self._score_exposure(model, rows, bs, sync),
+            "exposure scoring",
+            local=sync is None,
+        )
+
+    def _score_exposure(self, model: Any, rows: np.ndarray, batch_size: int | None, sync: Any) -> np.ndarray:
         from .extraction import _auto_batch_size, suffix_nll_after_prefix
         from .metrics import exposure
         from .modeling import inspect_model
@@ -932,7 +965,7 @@ class Monitor:
         assert self.panel is not None and self._tokens is not None
         # One batch size for the whole pass, planned for R + 1 candidates, so that the rows a synced rank only pads
         # (no canary of its own) run the same batches as the canaries on other ranks.
-        bs = self.batch_size or _auto_batch_size(
+        bs = batch_size or _auto_batch_size(
             inspect_model(model),
             cfg.exposure_references + 1,
             k,

@@ -6,6 +6,7 @@ import os
 import socket
 import sqlite3
 
+import numpy as np
 import pytest
 import torch
 from test_trainer import K, M, make_trainer
@@ -326,3 +327,99 @@ def test_a_disk_that_fills_up_mid_run_is_told_once_and_summarized_at_the_end(tmp
     assert "tensorboard: 9 of 11 evaluation(s) not written" in out
     # One red panel for the broken TensorBoard writer, not one per evaluation.
     assert out.count("memwatch could not write the tensorboard") == 1, out[-4000:]
+
+
+# --- out of memory, raised from inside the model's forward ---------------------------------------------------
+
+
+def _oom_inside_forward(model, too_many, error=None):
+    """A pre-hook on the first block that runs out of memory, as a real allocation would, in the middle of one of
+    memwatch's forwards (eval mode, no grad) when `too_many(input)` says so; it draws from the RNG first, like a
+    dropout layer, so a state that is not restored after the exception shows."""
+
+    def hook(module, args):
+        if module.training or torch.is_grad_enabled():
+            return  # a training step: untouched
+        torch.rand(1)
+        if too_many(args[0]):
+            raise error or RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    return model.transformer.h[0].register_forward_pre_hook(hook)
+
+
+class _StateWatch:
+    """Trainer callbacks around memwatch's: training flags, grad mode and the RNG must be as they were after every
+    step, evaluations that failed in the middle of a forward included."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        watch = self
+        self.checked = 0
+
+        class Before(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                watch.saved = (torch.get_rng_state(), [m.training for m in model.modules()])
+
+        class After(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                rng, flags = watch.saved
+                assert torch.equal(torch.get_rng_state(), rng), f"RNG changed at step {state.global_step}"
+                assert [m.training for m in model.modules()] == flags
+                assert torch.is_grad_enabled()
+                watch.checked += 1
+
+        self.before, self.after = Before(), After()
+
+
+def test_out_of_memory_inside_the_forward_with_the_automatic_batch_size(tmp_path):
+    watch = _StateWatch()
+    cb = MemWatchCallback(cfg())  # batch_size=None: the automatic size first
+    trainer = make_trainer(tmp_path, [watch.before, cb, watch.after], steps=10)
+    _oom_inside_forward(trainer.model, lambda x: x.shape[0] > 3)
+    trainer.train()
+    assert cb.monitor.evaluated_steps == [0, 5, 10] and not cb.monitor.failures
+    assert 1 <= cb.monitor.batch_size <= 3 and watch.checked == 10
+    # The numbers are those of an extraction that never ran out of memory.
+    ref = memwatch.extract(trainer.model, cb.monitor._tokens, prefix_len=K, suffix_len=M, batch_size=3)
+    np.testing.assert_array_equal(cb.monitor.last_record.result.exact, ref.exact)
+    np.testing.assert_allclose(cb.monitor.last_record.result.entropy, ref.entropy, atol=1e-5)
+
+
+def test_a_memory_error_of_any_message_is_out_of_memory(tmp_path):
+    cb = MemWatchCallback(cfg(batch_size=8))
+    trainer = make_trainer(tmp_path, [cb], steps=5)
+    _oom_inside_forward(trainer.model, lambda x: x.shape[0] > 2, MemoryError())
+    trainer.train()
+    assert cb.monitor.evaluated_steps == [0, 5] and not cb.monitor.failures and cb.monitor.batch_size == 2
+
+
+@pytest.mark.monitor_failures
+def test_out_of_memory_at_batch_1_gives_up_and_leaves_the_model_as_it_was(tmp_path):
+    watch = _StateWatch()
+    cb = MemWatchCallback(cfg(batch_size=4))
+    trainer = make_trainer(tmp_path, [watch.before, cb, watch.after], steps=12)
+    _oom_inside_forward(trainer.model, lambda x: True)
+    trainer.train()
+    assert trainer.state.global_step == 12 and watch.checked == 12
+    assert cb.monitor.disabled and len([f for f in cb.monitor.failures if "out of memory" in f]) == 3
+    assert cb.monitor.batch_size == 1
+
+
+def test_out_of_memory_while_scoring_exposure(tmp_path):
+    from memwatch.bytetok import ByteTokenizer
+    from memwatch.canaries import inject, make_canaries
+
+    rows = [{"input_ids": list(range(i, i + 48)), "labels": list(range(i, i + 48))} for i in range(40)]
+    man = make_canaries(ByteTokenizer(), tiers=(4,), per_tier=1, prefix_len=K, secret_len=M, references=40)
+    data, man = inject(rows, man)
+    cb = MemWatchCallback(cfg(exposure_references=40, batch_size=32), canaries=man)
+    trainer = make_trainer(tmp_path, [cb], steps=5, train=data)
+    # The exposure pass feeds m - 1 tokens after a shared prefix; more than 8 candidates at once is too many.
+    _oom_inside_forward(trainer.model, lambda x: x.shape[1] == M - 1 and x.shape[0] > 8)
+    trainer.train()
+    assert cb.monitor.evaluated_steps == [0, 5] and not cb.monitor.failures
+    assert cb.monitor.batch_size == 8
+    exposure = cb.monitor.last_record.exposure
+    canaries = np.isin(cb.monitor.panel.groups, ["canary", "canary_heldout"])
+    assert np.isfinite(exposure[canaries]).all()
