@@ -369,6 +369,12 @@ class History:
                 if gen is not None and len(gen) == m:
                     generated[ei, i] = gen
                     any_generated = True
+        if any_generated:  # the history keeps what matches the probe's suffix in the probes table only
+            from .history import reveal_matches
+
+            k = evals[0]["prefix_len"]
+            suffixes = np.array([p["tokens"][k : k + m] for p in panel], dtype=np.int64)  # [N, m]
+            generated = reveal_matches(generated, suffixes[None])
         return RunData(
             run_id=info["run_id"],
             name=info["name"],

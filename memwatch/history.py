@@ -11,7 +11,16 @@ from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "decode_floats", "decode_ints", "recover"]
+__all__ = [
+    "MATCH",
+    "SCHEMA_VERSION",
+    "HistoryError",
+    "HistoryStore",
+    "decode_floats",
+    "decode_ints",
+    "recover",
+    "reveal_matches",
+]
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x6D656D77  # "memw": tells a memwatch history from any other SQLite file
@@ -73,7 +82,7 @@ CREATE TABLE results (
     suffix_nll       REAL NOT NULL,
     near_tie         INTEGER NOT NULL,
     exposure         REAL,
-    generated        BLOB,             -- int32 little-endian [m]
+    generated        BLOB,             -- int32 little-endian [m]; -1 where equal to the probe's true suffix
     entropy          BLOB NOT NULL,    -- float32 little-endian [w + m]
     PRIMARY KEY (eval_id, position)
 ) WITHOUT ROWID;
@@ -147,6 +156,18 @@ def decode_floats(blob: bytes | None) -> list[float] | None:
     return out.tolist()
 
 
+MATCH = -1  # a generated token equal to the probe's own suffix token (see HistoryStore._hide_matches)
+WITHHELD = -2  # a generated token that differs from it, not kept (reveal_text=False: it may be another text)
+
+
+def reveal_matches(generated: Any, suffix: Any) -> Any:
+    """A stored continuation [.., m] with its MATCH entries replaced by the true suffix tokens [.., m]."""
+    import numpy as np
+
+    gen = np.asarray(generated)
+    return np.where(gen == MATCH, np.asarray(suffix), gen)
+
+
 def decode_ints(blob: bytes | None) -> list[int] | None:
     """An int32 blob back to a list."""
     if blob is None:
@@ -179,6 +200,7 @@ class HistoryStore:
         self.path = os.fspath(path)
         self.readonly = readonly
         self._positions: dict[int, dict[str, int]] = {}  # run_id -> probe_id -> position
+        self._tokens: dict[int, dict[int, list[int]]] = {}  # run_id -> position -> probe tokens
         created = False
         if readonly:
             if not os.path.exists(self.path):
@@ -405,11 +427,13 @@ class HistoryStore:
         wall_time: float | None = None,
         duration: float | None = None,
         label: str | None = None,
+        reveal_generated: bool = False,
     ) -> int:
         """Append one evaluation: one results row per probe. Replaces an evaluation at the same run, step and spec.
 
         columns: RESULT_COLUMNS -> per-row sequences (numpy arrays welcome); "generated" [N, m] int32 rows and
-        "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL.
+        "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL. Generated tokens
+        are stored as MATCH / WITHHELD (see _hide_matches) unless reveal_generated keeps the ones that differ.
         """
         n = len(probe_ids)
         spec_json = json.dumps(dict(spec), sort_keys=True)
@@ -425,6 +449,8 @@ class HistoryStore:
             value = columns.get(name)
             if value is None:
                 return [None] * n
+            if name == "generated":
+                value = self._hide_matches(run_id, pos, spec, value, reveal_generated)
             if name in ("generated", "entropy"):
                 typecode = "i" if name == "generated" else "f"
                 return [_blob(r, typecode) for r in value]
@@ -480,6 +506,30 @@ class HistoryStore:
                 rows,
             )
         return eval_id
+
+    def _hide_matches(
+        self, run_id: int, positions: Sequence[int], spec: Mapping[str, Any], generated: Any, reveal: bool
+    ) -> Any:
+        """The greedy continuation as stored: every token that equals the probe's true suffix as MATCH (-1), so what
+        a model reproduces of a probe (a canary's secret, training text) lives in the probes table only; every other
+        token as WITHHELD (-2) unless `reveal` (a model's continuation of one probe can be another memorized text:
+        a training window continued with a canary's secret). Readers put the suffix back (reveal_matches)."""
+        import numpy as np
+
+        gen = np.asarray(generated, dtype=np.int32)
+        k, m = int(spec["prefix_len"]), int(spec["suffix_len"])
+        tokens = self._panel_tokens(run_id)
+        suffix = np.array([tokens[p][k : k + m] for p in positions], dtype=np.int32).reshape(gen.shape)
+        return np.where(gen == suffix, MATCH, gen if reveal else WITHHELD).astype(np.int32)
+
+    def _panel_tokens(self, run_id: int) -> dict[int, list[int]]:
+        if run_id not in self._tokens:
+            rows = self.conn.execute(
+                "SELECT rp.position, p.tokens FROM run_probes rp JOIN probes p USING (probe_id) WHERE rp.run_id = ?",
+                (run_id,),
+            )
+            self._tokens[run_id] = {pos: decode_ints(blob) or [] for pos, blob in rows}
+        return self._tokens[run_id]
 
     def add_alert(
         self,

@@ -1011,6 +1011,7 @@ class Monitor:
                         wall_time=record.wall_time,
                         duration=record.duration,
                         label=label,
+                        reveal_generated=self.config.reveal_text,
                         columns={
                             "exact": r.exact,
                             "match_ratio": r.match_ratio,

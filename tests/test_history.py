@@ -7,7 +7,14 @@ import stat
 import numpy as np
 import pytest
 
-from memwatch.history import SCHEMA_VERSION, HistoryError, HistoryStore, decode_floats, decode_ints
+from memwatch.history import (
+    SCHEMA_VERSION,
+    HistoryError,
+    HistoryStore,
+    decode_floats,
+    decode_ints,
+    reveal_matches,
+)
 
 SPEC = {"prefix_len": 4, "suffix_len": 3, "entropy_window": 2, "mode": "full"}
 
@@ -41,15 +48,32 @@ def _store_with_run(path, n=5):
 def test_round_trip(tmp_path):
     h, run = _store_with_run(tmp_path / "h.sqlite")
     cols = _columns(5)
+    cols["generated"][:, 1] = 9  # the second token reproduced in every row
     eid = h.add_evaluation(
-        run, 10, spec=SPEC, probe_ids=[f"p{i}" for i in range(5)], columns=cols, duration=1.5
+        run,
+        10,
+        spec=SPEC,
+        probe_ids=[f"p{i}" for i in range(5)],
+        columns=cols,
+        duration=1.5,
+        reveal_generated=True,
     )
+    hidden = h.add_evaluation(run, 11, spec=SPEC, probe_ids=[f"p{i}" for i in range(5)], columns=cols)
+    for r in h.results(
+        hidden
+    ):  # by default the tokens that differ from the probe's suffix are not kept either
+        assert decode_ints(r["generated"])[1] == -1 and set(decode_ints(r["generated"])) <= {-1, -2}
     rows = h.results(eid)
     assert [r["probe_id"] for r in rows] == [f"p{i}" for i in range(5)]
     for i, r in enumerate(rows):
         assert r["exact"] == int(cols["exact"][i])
         assert r["match_ratio"] == pytest.approx(float(cols["match_ratio"][i]))
-        assert decode_ints(r["generated"]) == cols["generated"][i].tolist()
+        # Stored with every token equal to the probe's own suffix hidden (the probes table holds it), revealed on
+        # read: the probe tokens are [i, i+1, i+2, 7, 8, 9, 10] and k = 4, m = 3.
+        suffix = [8, 9, 10]
+        stored = decode_ints(r["generated"])
+        assert stored == [-1 if g == t else g for g, t in zip(cols["generated"][i], suffix, strict=True)]
+        assert reveal_matches(stored, suffix).tolist() == cols["generated"][i].tolist()
         np.testing.assert_allclose(decode_floats(r["entropy"]), cols["entropy"][i])
         assert r["exposure"] is None
     assert h.panel(run)[3] == {
@@ -59,7 +83,7 @@ def test_round_trip(tmp_path):
         "tokens": [3, 4, 5, 7, 8, 9, 10],
     }
     ev = h.evals(run)
-    assert len(ev) == 1 and ev[0]["step"] == 10 and ev[0]["spec"] == SPEC and ev[0]["duration"] == 1.5
+    assert len(ev) == 2 and ev[0]["step"] == 10 and ev[0]["spec"] == SPEC and ev[0]["duration"] == 1.5
     assert h.runs()[0]["config"] == {"a": 1}
     h.close()
 
