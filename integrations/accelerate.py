@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from memwatch.config import MonitorConfig
-from memwatch.evaluation import EvalRecord
 from memwatch.monitor import Monitor, SetupError
+from memwatch.record import EvalRecord
 
 __all__ = ["MemWatch"]
 

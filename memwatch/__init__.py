@@ -16,7 +16,7 @@ _LAZY = {
     "Monitor": "memwatch.monitor",
     "Probe": "memwatch.probes",
     "MemWatchCallback": "memwatch.integrations.hf",
-    "exposure": "memwatch.metrics",
+    "exposure": "memwatch.signals.exposure",
     "History": "memwatch.analysis",
 }
 
@@ -29,9 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .extraction import ExtractionResult as ExtractionResult
     from .extraction import extract as extract
     from .integrations.hf import MemWatchCallback as MemWatchCallback
-    from .metrics import exposure as exposure
     from .monitor import Monitor as Monitor
     from .probes import Probe as Probe
+    from .signals.exposure import exposure as exposure
 
 
 def __getattr__(name: str) -> Any:

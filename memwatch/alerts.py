@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import math
@@ -12,16 +13,29 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .config import AlertConfig
-from .evaluation import EvalRecord
+from .record import EvalRecord
 
-__all__ = ["Alert", "AlertEngine", "AlertSinks", "WebhookSink"]
+__all__ = [
+    "Alert",
+    "AlertEngine",
+    "AlertSinks",
+    "Flip",
+    "ProbeThreshold",
+    "Rule",
+    "RuleContext",
+    "RuleState",
+    "Spike",
+    "Threshold",
+    "WebhookSink",
+    "rules_of",
+]
 
 log = logging.getLogger("memwatch.alerts")
 
@@ -69,206 +83,52 @@ class _Ema:
         self.n += 1
 
 
-class AlertEngine:
-    """Evaluates the rules on each EvalRecord; keeps the state they need (baselines, armed thresholds, cooldowns).
+class RuleState:
+    """What rules remember between evaluations (baselines, armed thresholds, cooldowns, per-probe states, flips
+    waiting for confirmation), keyed by rule and subject; it round-trips through state_dict (checkpoints) and is
+    rebuilt identically by replaying a history (a resumed run)."""
 
-    describe(i) may return a text for probe i (only used when the monitor reveals text).
-    """
-
-    def __init__(
-        self,
-        config: AlertConfig,
-        describe: Callable[[int], str | None] | None = None,
-        suffix_distinct: np.ndarray | None = None,
-    ) -> None:
-        self.config = config
-        self.describe = describe
-        # int [N]: distinct tokens in each probe's true suffix; a leak needs at least leak_min_distinct of them.
-        self.suffix_distinct = suffix_distinct
+    def __init__(self, cooldown: int, hysteresis: float) -> None:
+        self.cooldown = cooldown
+        self.hysteresis = hysteresis
         self.evals = 0  # evaluations seen
-        self.prev_exact: np.ndarray | None = None
         self.armed: dict[tuple[str, str], bool] = {}
         self.last_fired: dict[tuple[str, str], int] = {}
         self.ema: dict[tuple[str, str], _Ema] = {}
+        self.previous: dict[str, list[bool]] = {}  # flip rules: the signal at the previous evaluation
+        self.pending: dict[tuple[str, str], int] = {}  # flips on near-tie rows: (rule, probe) -> step seen
 
-    # --- helpers ---------------------------------------------------------------------------------------------
-
-    def _cool(self, key: tuple[str, str]) -> bool:
+    def cool(self, key: tuple[str, str]) -> bool:
         """True if the key may fire now (outside its cooldown); records the firing when it does."""
         last = self.last_fired.get(key)
-        if last is not None and self.evals - last <= self.config.cooldown:
+        if last is not None and self.evals - last <= self.cooldown:
             return False
         self.last_fired[key] = self.evals
         return True
 
-    def _action(self, rule: str) -> str | None:
-        acts = self.config.actions.get(rule, ())
-        return ",".join(acts) if acts else None
-
-    def _text(self, i: int) -> str:
-        if self.describe is None:
-            return ""
-        text = self.describe(i)
-        return f" [{text}]" if text else ""
-
-    def _reached(self, key: tuple[str, str], value: float, threshold: float) -> bool:
-        """True while armed and value >= threshold. An alert that fires disarms the key (see _disarm); it re-arms
-        once the value falls below threshold * (1 - hysteresis). A crossing held back by the cooldown stays armed."""
+    def reached(self, key: tuple[str, str], value: float, threshold: float) -> bool:
+        """True while armed and value >= threshold. A firing disarms the key (disarm); it re-arms once the value
+        falls below threshold * (1 - hysteresis). A crossing held back by the cooldown stays armed."""
         armed = self.armed.get(key, True)
-        if not armed and value < threshold * (1 - self.config.hysteresis):
+        if not armed and value < threshold * (1 - self.hysteresis):
             self.armed[key] = armed = True
         return armed and value >= threshold
 
-    def _disarm(self, key: tuple[str, str]) -> None:
+    def disarm(self, key: tuple[str, str]) -> None:
         self.armed[key] = False
-
-    # --- rules -----------------------------------------------------------------------------------------------
-
-    def evaluate(self, record: EvalRecord) -> list[Alert]:
-        cfg = self.config
-        if not cfg.enabled:
-            return []
-        self.evals += 1
-        exact = np.asarray(record.result.exact, dtype=bool)
-        newly = exact & ~self.prev_exact if self.prev_exact is not None else exact.copy()
-        baseline = self.prev_exact is None
-        groups = record.groups
-        alerts: list[Alert] = []
-        step = record.step
-
-        def probes_alert(
-            rule: str, rows: Sequence[int], message: str, group: str | None, data: dict[str, Any]
-        ) -> list[int]:
-            """One alert for the rows outside their cooldown; returns the rows it names."""
-            rows = [i for i in rows if self._cool((rule, record.probe_ids[i]))]
-            if not rows:
-                return []
-            names = ", ".join(
-                _fmt_probe(record.probe_ids[i], record.metas[i]) + self._text(i) for i in rows[:10]
-            )
-            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
-            alerts.append(
-                Alert(
-                    step,
-                    rule,
-                    group,
-                    [record.probe_ids[i] for i in rows],
-                    message.format(names=names + more, n=len(rows)),
-                    self._action(rule),
-                    data,
-                )
-            )
-            return rows
-
-        if cfg.canary_extracted:
-            rows = np.flatnonzero(newly & (groups == "canary")).tolist()
-            probes_alert(
-                "canary_extracted",
-                rows,
-                f"step {step}: {{n}} inserted canary(ies) became extractable: {{names}}",
-                "canary",
-                {"tiers": sorted({int(record.metas[i].get("repetitions", 0)) for i in rows})},
-            )
-        if cfg.leak and not baseline:
-            for g in cfg.leak_groups:
-                candidates = newly & (groups == g)
-                if self.suffix_distinct is not None:  # predictable text is recited, not leaked
-                    candidates &= self.suffix_distinct >= cfg.leak_min_distinct
-                rows = np.flatnonzero(candidates).tolist()
-                kind = "never-inserted twin(s)" if g == "canary_heldout" else f"{g} probe(s)"
-                probes_alert(
-                    "leak",
-                    rows,
-                    f"step {step}: {{n}} {kind} became extractable: {{names}}. Held-out text should not be memorized: "
-                    "a leak into the training data, duplicated data, or a measurement fault.",
-                    g,
-                    {},
-                )
-        for g, threshold in cfg.extraction_rate.items():
-            st = record.stats.get(g)
-            if st is None or not st.n:
-                continue
-            rate = st.extraction_rate
-            if self._reached(("extraction_rate", g), rate, threshold) and self._cool(("extraction_rate", g)):
-                self._disarm(("extraction_rate", g))
-                alerts.append(
-                    Alert(
-                        step,
-                        "extraction_rate",
-                        g,
-                        [],
-                        f"step {step}: {g} extraction rate {rate:.1%} crossed the threshold {threshold:.1%}",
-                        self._action("extraction_rate"),
-                        {"rate": rate, "threshold": threshold},
-                    )
-                )
-        if cfg.spike:
-            for g, st in record.stats.items():
-                series = {"extraction_rate": (st.extraction_rate, cfg.spike_min_rate)}
-                if not baseline:  # at the first evaluation everything memorized counts as "new"
-                    series["newly_memorized"] = (float(st.newly_memorized), float(cfg.spike_min_count))
-                for metric, (value, min_delta) in series.items():
-                    if value is None or not math.isfinite(value):
-                        continue
-                    ema = self.ema.setdefault((g, metric), _Ema())
-                    if ema.n >= cfg.spike_min_evals:
-                        sd = math.sqrt(max(ema.var, 0.0))
-                        if (
-                            value > ema.mean + cfg.spike_z * sd
-                            and value - ema.mean >= min_delta
-                            and self._cool(("spike", f"{g}/{metric}"))
-                        ):
-                            shown = f"{value:.1%}" if metric == "extraction_rate" else f"{value:.0f}"
-                            base = (
-                                f"{ema.mean:.1%} ± {sd:.1%}"
-                                if metric == "extraction_rate"
-                                else f"{ema.mean:.1f} ± {sd:.1f}"
-                            )
-                            alerts.append(
-                                Alert(
-                                    step,
-                                    "spike",
-                                    g,
-                                    [],
-                                    f"step {step}: spike in {g} {metric.replace('_', ' ')}: {shown} against a baseline of {base}",
-                                    self._action("spike"),
-                                    {"metric": metric, "value": value, "baseline": ema.mean, "sd": sd},
-                                )
-                            )
-                    ema.update(value)
-        if cfg.exposure_bits is not None and record.exposure is not None:
-            crossed = []
-            for i in np.flatnonzero(groups == "canary"):
-                value = float(record.exposure[i])
-                if math.isfinite(value) and self._reached(
-                    ("exposure", record.probe_ids[i]), value, cfg.exposure_bits
-                ):
-                    crossed.append(int(i))
-            fired = probes_alert(
-                "exposure",
-                crossed,
-                f"step {step}: {{n}} inserted canary(ies) reached an exposure of {cfg.exposure_bits:g} bits or more "
-                "(extraction may follow): {names}",
-                "canary",
-                {"exposure": {record.probe_ids[i]: float(record.exposure[i]) for i in crossed}},
-            )
-            for i in fired:
-                self._disarm(("exposure", record.probe_ids[i]))
-        self.prev_exact = exact.copy()
-        return alerts
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "evals": self.evals,
-            "prev_exact": None if self.prev_exact is None else self.prev_exact.tolist(),
             "armed": [[list(k), v] for k, v in self.armed.items()],
             "last_fired": [[list(k), v] for k, v in self.last_fired.items()],
             "ema": [[list(k), e.n, e.mean, e.var] for k, e in self.ema.items()],
+            "previous": dict(self.previous),
+            "pending": [[list(k), v] for k, v in self.pending.items()],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.evals = state["evals"]
-        self.prev_exact = None if state["prev_exact"] is None else np.asarray(state["prev_exact"], dtype=bool)
         self.armed = {tuple(k): v for k, v in state["armed"]}
         self.last_fired = {tuple(k): v for k, v in state["last_fired"]}
         self.ema = {}
@@ -276,6 +136,348 @@ class AlertEngine:
             e = _Ema()
             e.n, e.mean, e.var = n, mean, var
             self.ema[tuple(k)] = e
+        previous = dict(state.get("previous") or {})
+        if state.get("prev_exact") is not None:  # a 0.1.0 checkpoint's state
+            previous = {"exact": list(state["prev_exact"])}
+        self.previous = previous
+        self.pending = {tuple(k): v for k, v in state.get("pending", [])}
+
+
+class Rule(Protocol):
+    """An alert rule: `name` (what `actions` and the history call it) and check(record, state, ctx) -> alerts."""
+
+    name: str
+
+    def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]: ...
+
+
+@dataclass
+class RuleContext:
+    """What every rule shares: the action its firing asks for, probe descriptions (reveal_text), near-tie policy."""
+
+    actions: Mapping[str, tuple[str, ...]]
+    describe: Callable[[int], str | None] | None = None
+    confirm_near_ties: bool = True
+
+    def action(self, rule: str) -> str | None:
+        acts = self.actions.get(rule, ())
+        return ",".join(acts) if acts else None
+
+    def names(self, record: EvalRecord, rows: Sequence[int]) -> str:
+        text = ", ".join(
+            _fmt_probe(record.probe_ids[i], dict(record.metas[i])) + self._text(i) for i in rows[:10]
+        )
+        return text + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+
+    def _text(self, i: int) -> str:
+        if self.describe is None:
+            return ""
+        text = self.describe(i)
+        return f" [{text}]" if text else ""
+
+
+def _value(record: EvalRecord, key: str) -> float | None:
+    value = record.scalars.get(key)
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _keys(record: EvalRecord, pattern: str) -> list[str]:
+    """The record's statistics a key pattern names: a key (train/extraction_rate) or a shell pattern of keys whose
+    wildcards stay within one "/" segment: */extraction_rate is every group's, canaries/*/extraction_rate every
+    tier's."""
+    if any(c in pattern for c in "*?["):
+        parts = pattern.split("/")
+        return [
+            k
+            for k in record.scalars
+            if len(segments := k.split("/")) == len(parts)
+            and all(fnmatch.fnmatchcase(s, p) for s, p in zip(segments, parts, strict=True))
+        ]
+    return [pattern] if pattern in record.scalars else []
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A statistic reaching `value` fires; re-armed once it falls `hysteresis` below (RuleState.reached)."""
+
+    key: str  # "train/extraction_rate", "train~heldout/loss_auc", or a pattern "*/extraction_rate"
+    value: float
+    name: str = "threshold"
+
+    def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]:
+        out = []
+        for key in _keys(record, self.key):
+            v = _value(record, key)
+            subject = (self.name, key)
+            if v is not None and state.reached(subject, v, self.value) and state.cool(subject):
+                state.disarm(subject)
+                scope, _, stat = key.rpartition("/")
+                shown = f"{v:.1%}" if "rate" in stat else f"{v:.4g}"
+                limit = f"{self.value:.1%}" if "rate" in stat else f"{self.value:.4g}"
+                what = f"{scope} {stat.replace('_', ' ')}"
+                out.append(
+                    Alert(
+                        record.step,
+                        self.name,
+                        scope,
+                        [],
+                        f"step {record.step}: {what} {shown} crossed the threshold {limit}",
+                        ctx.action(self.name),
+                        {"key": key, "value": v, "threshold": self.value, "rate": v},
+                    )
+                )
+        return out
+
+
+@dataclass(frozen=True)
+class Spike:
+    """A statistic jumping above its own EMA baseline by `z` deviations and at least `min_delta`, once
+    `min_evals` evaluations built the baseline; `after_baseline`: not at the first evaluation."""
+
+    key: str
+    z: float
+    min_delta: float
+    min_evals: int
+    after_baseline: bool = False
+    name: str = "spike"
+
+    def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]:
+        if self.after_baseline and state.evals <= 1:
+            return []
+        out = []
+        for key in _keys(record, self.key):
+            v = _value(record, key)
+            if v is None:
+                continue
+            scope, _, stat = key.rpartition("/")
+            ema = state.ema.setdefault((scope, stat), _Ema())
+            if ema.n >= self.min_evals:
+                sd = math.sqrt(max(ema.var, 0.0))
+                if (
+                    v > ema.mean + self.z * sd
+                    and v - ema.mean >= self.min_delta
+                    and state.cool((self.name, key))
+                ):
+                    rate = "rate" in stat
+                    shown = f"{v:.1%}" if rate else f"{v:.0f}"
+                    base = f"{ema.mean:.1%} ± {sd:.1%}" if rate else f"{ema.mean:.1f} ± {sd:.1f}"
+                    out.append(
+                        Alert(
+                            record.step,
+                            self.name,
+                            scope,
+                            [],
+                            f"step {record.step}: spike in {scope} {stat.replace('_', ' ')}: {shown} against a "
+                            f"baseline of {base}",
+                            ctx.action(self.name),
+                            {"metric": stat, "value": v, "baseline": ema.mean, "sd": sd},
+                        )
+                    )
+            ema.update(v)
+        return out
+
+
+@dataclass(frozen=True)
+class Flip:
+    """A per-probe flag turning on since the previous evaluation, for probes of `groups`: e.g. an inserted canary
+    becoming extractable. `at_baseline`: the first evaluation counts (everything on is new); `min_values`: other
+    signals a probe must reach (predictable suffixes are not leaks); `only`: a flag the probe must also have.
+
+    A flip on a near-tie row may be rounding, not the model: with confirm_near_ties it waits for the next
+    evaluation and fires there if the flag is still on (the message says it was confirmed)."""
+
+    signal: str
+    groups: tuple[str, ...]
+    message: str  # format fields: step, n, names, kind
+    name: str
+    at_baseline: bool = True
+    min_values: Mapping[str, float] = field(default_factory=dict)
+    only: str | None = None
+
+    def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]:
+        flag = np.asarray(record.values.get(self.signal, np.zeros(len(record.groups))), dtype=bool)
+        before = state.previous.get(self.name)
+        state.previous[self.name] = flag.tolist()
+        if before is None and not self.at_baseline:
+            return []
+        newly = flag & ~np.asarray(before, dtype=bool) if before is not None else flag.copy()
+        for name, low in self.min_values.items():
+            values = record.values.get(name)
+            if values is not None:
+                newly &= np.asarray(values, dtype=np.float64) >= low
+        if self.only is not None:
+            newly &= np.asarray(record.values.get(self.only, np.zeros(len(flag))), dtype=bool)
+        near_tie = np.asarray(record.values.get("near_tie", np.zeros(len(flag))), dtype=bool)
+        # Flips seen on a near-tie row at the previous evaluation: confirmed if the flag is still on.
+        index = {pid: i for i, pid in enumerate(record.probe_ids)}
+        waiting = [pid for rule, pid in state.pending if rule == self.name]
+        for pid in waiting:
+            del state.pending[(self.name, pid)]
+        still_on = [index[pid] for pid in waiting if pid in index and flag[index[pid]]]
+        out = []
+        for g in self.groups:
+            in_group = record.groups == g
+            confirmed = [i for i in still_on if in_group[i]]
+            rows = []
+            for i in np.flatnonzero(newly & in_group).tolist():
+                if ctx.confirm_near_ties and near_tie[i]:
+                    state.pending[(self.name, record.probe_ids[i])] = record.step
+                else:
+                    rows.append(i)
+            rows = [
+                i for i in dict.fromkeys(rows + confirmed) if state.cool((self.name, record.probe_ids[i]))
+            ]
+            if not rows:
+                continue
+            kind = "never-inserted twin(s)" if g == "canary_heldout" else f"{g} probe(s)"
+            message = self.message.format(
+                step=record.step, n=len(rows), names=ctx.names(record, rows), kind=kind
+            )
+            if confirmed:
+                message += " (after a near tie at the previous evaluation, confirmed now)"
+            data: dict[str, Any] = {"uncertain_confirmed": [record.probe_ids[i] for i in confirmed]}
+            tiers = {
+                int(record.metas[i].get("repetitions", 0)) for i in rows if "repetitions" in record.metas[i]
+            }
+            if tiers:
+                data["tiers"] = sorted(tiers)
+            out.append(
+                Alert(
+                    record.step,
+                    self.name,
+                    g,
+                    [record.probe_ids[i] for i in rows],
+                    message,
+                    ctx.action(self.name),
+                    data,
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class ProbeThreshold:
+    """A per-probe value reaching `value` (e.g. a canary's exposure in bits), each probe with its own hysteresis."""
+
+    signal: str
+    groups: tuple[str, ...]
+    value: float
+    message: str  # format fields: step, n, names, value
+    name: str
+
+    def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]:
+        values = record.values.get(self.signal)
+        if values is None or not np.isfinite(values).any():
+            return []
+        crossed = []
+        for i in np.flatnonzero(np.isin(record.groups, self.groups)).tolist():
+            v = float(values[i])
+            if math.isfinite(v) and state.reached((self.name, record.probe_ids[i]), v, self.value):
+                crossed.append(i)
+        rows = [i for i in crossed if state.cool((self.name, record.probe_ids[i]))]
+        if not rows:
+            return []
+        for i in rows:
+            state.disarm((self.name, record.probe_ids[i]))
+        message = self.message.format(
+            step=record.step, n=len(rows), names=ctx.names(record, rows), value=self.value
+        )
+        data = {self.signal: {record.probe_ids[i]: float(values[i]) for i in crossed}}
+        return [
+            Alert(
+                record.step,
+                self.name,
+                self.groups[0],
+                [record.probe_ids[i] for i in rows],
+                message,
+                ctx.action(self.name),
+                data,
+            )
+        ]
+
+
+def rules_of(config: AlertConfig) -> list[Any]:
+    """The rules an AlertConfig asks for: the built-in ones (today's names, as instances of the general rules),
+    a Threshold per entry of `thresholds`, and your own `rules`."""
+    rules: list[Any] = []
+    if config.canary_extracted:
+        rules.append(
+            Flip(
+                "exact",
+                ("canary",),
+                "step {step}: {n} inserted canary(ies) became extractable: {names}",
+                "canary_extracted",
+            )
+        )
+    if config.leak:
+        rules.append(
+            Flip(
+                "exact",
+                tuple(config.leak_groups),
+                "step {step}: {n} {kind} became extractable: {names}. Held-out text should not be memorized: a "
+                "leak into the training data, duplicated data, or a measurement fault.",
+                "leak",
+                at_baseline=False,
+                min_values={"suffix_distinct": config.leak_min_distinct},
+            )
+        )
+    rules += [
+        Threshold(f"{g}/extraction_rate", t, "extraction_rate") for g, t in config.extraction_rate.items()
+    ]
+    if config.spike:
+        rules.append(
+            Spike("*/extraction_rate", config.spike_z, config.spike_min_rate, config.spike_min_evals)
+        )
+        rules.append(
+            Spike(
+                "*/newly_memorized",
+                config.spike_z,
+                float(config.spike_min_count),
+                config.spike_min_evals,
+                after_baseline=True,  # at the first evaluation everything memorized counts as "new"
+            )
+        )
+    if config.exposure_bits is not None:
+        rules.append(
+            ProbeThreshold(
+                "exposure",
+                ("canary",),
+                config.exposure_bits,
+                "step {step}: {n} inserted canary(ies) reached an exposure of {value:g} bits or more (extraction "
+                "may follow): {names}",
+                "exposure",
+            )
+        )
+    rules += [Threshold(key, value) for key, value in config.thresholds.items()]
+    rules += list(config.rules)
+    return rules
+
+
+class AlertEngine:
+    """Evaluates the rules on each EvalRecord and keeps their state (RuleState).
+
+    describe(i) may return a text for probe i (only used when the monitor reveals text)."""
+
+    def __init__(self, config: AlertConfig, describe: Callable[[int], str | None] | None = None) -> None:
+        self.config = config
+        self.rules = rules_of(config)
+        self.state = RuleState(config.cooldown, config.hysteresis)
+        self.ctx = RuleContext(config.actions, describe, config.confirm_near_ties)
+
+    def evaluate(self, record: EvalRecord) -> list[Alert]:
+        if not self.config.enabled:
+            return []
+        self.state.evals += 1
+        alerts: list[Alert] = []
+        for rule in self.rules:
+            alerts += rule.check(record, self.state, self.ctx)
+        return alerts
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state.load_state_dict(state)
 
 
 class WebhookSink:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .evaluation import EvalRecord, ProbeTracker, build_record, result_buckets
 from .history import HistoryError, HistoryStore
+from .record import DEFAULT_PAIRS, GROUP_ORDER, EvalRecord, ProbeTracker, build_record, products_of
 from .result import ExtractionResult
+from .signals import REGISTRY
+from .signals.buckets import BUCKET_NAMES, bucket_signal, transition_matrix
 
 __all__ = ["History", "RunData", "report_dict", "resolve_history_path"]
 
@@ -33,23 +34,28 @@ def resolve_history_path(path: str | os.PathLike[str]) -> str:
     return p
 
 
-def _nan_mean(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)] if values.dtype.kind == "f" else values
-    return float(values.mean()) if values.size else math.nan
+def _clean(value: Any) -> Any:
+    """JSON-friendly: NaN and infinities as None, numpy scalars as Python numbers."""
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
-def _nan_median(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if values.size else math.nan
-
-
-def _clean(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+# Keys of a group's row that the tables of 0.1.0 had; every other statistic of the scope follows them.
+_ROW_COUNTS = ("n", "extracted", "memorized")
+_BOUNDARY = ("entropy_pre", "entropy_post", "boundary_jump", "entropy_profile")
 
 
 @dataclass
 class RunData:
-    """One run's results as arrays: E evaluations (by step) x N probes (panel order)."""
+    """One run's results as arrays: E evaluations (by step) x N probes (panel order). The core columns are typed
+    arrays; `signals` holds the other registered signals the history stored; every table below comes from
+    replaying the evaluations through the live record building (memwatch.record), so it matches what the live
+    monitor logged."""
 
     run_id: int
     name: str
@@ -70,10 +76,18 @@ class RunData:
     near_tie: np.ndarray  # bool [E, N]
     exposure: np.ndarray  # float [E, N], NaN where not computed
     entropy: np.ndarray  # float32 [E, N, w + m]
-    generated: np.ndarray | None  # int [E, N, m] or None
+    generated: np.ndarray | None  # int [E, N, m] or None; -2 where it differs and reveal_text was off
     specs: list[dict[str, Any]]
     wall_times: np.ndarray | None = None  # float [E]: when each evaluation ran (unix seconds)
     durations: np.ndarray | None = None  # float [E]: seconds each evaluation took (0 where unknown)
+    signals: dict[str, np.ndarray] = field(default_factory=dict)  # other stored signals, float [E, N]
+    _replayed: list[EvalRecord] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"RunData(run {self.run_id} {self.name!r}, {self.source}, {len(self.steps)} evaluations, "
+            f"{len(self.ids)} probes in {self.group_names()})"
+        )
 
     @property
     def memorized_threshold(self) -> float:
@@ -83,9 +97,18 @@ class RunData:
     def entropy_window(self) -> int:
         return int(self.specs[0]["entropy_window"]) if self.specs else 0
 
-    def group_names(self) -> list[str]:
-        from .probes import GROUP_ORDER
+    @property
+    def mode(self) -> str:
+        return str(self.specs[-1].get("mode", "full")) if self.specs else "full"
 
+    def settings(self) -> dict[str, Any]:
+        """The run's definitions, as its records were built with."""
+        return {
+            "memorized_threshold": self.memorized_threshold,
+            "boundary_width": int(self.config.get("boundary_width", 4)),
+        }
+
+    def group_names(self) -> list[str]:
         present = list(dict.fromkeys(self.groups.tolist()))
         return [g for g in GROUP_ORDER if g in present] + [g for g in present if g not in GROUP_ORDER]
 
@@ -116,11 +139,15 @@ class RunData:
         )
 
     def records(self, tracker: ProbeTracker | None = None) -> Iterator[tuple[int, EvalRecord]]:
-        """(index, EvalRecord) per evaluation, replayed through the live record building (transitions, boundary,
-        dose-response), advancing `tracker` (a fresh one by default)."""
+        """(index, EvalRecord) per evaluation, replayed through the live record building (signals, transitions,
+        boundary, dose-response, contrasts), advancing `tracker` (a fresh one by default)."""
         tracker = tracker or ProbeTracker(len(self.ids))
+        k = int(self.specs[0]["prefix_len"]) if self.specs else 0
+        m = int(self.specs[0]["suffix_len"]) if self.specs else 0
+        window = np.array([t[: k + m] for t in self.tokens], dtype=np.int64).reshape(len(self.ids), k + m)
         for e, step in enumerate(self.steps.tolist()):
-            exposure = self.exposure[e] if np.isfinite(self.exposure[e]).any() else None
+            result = self.result(e)
+            extra = {"exposure": self.exposure[e]} if np.isfinite(self.exposure[e]).any() else {}
             record = build_record(
                 step=step,
                 wall_time=0.0 if self.wall_times is None else float(self.wall_times[e]),
@@ -129,60 +156,69 @@ class RunData:
                 probe_ids=self.ids,
                 groups=self.groups,
                 metas=self.metas,
-                result=self.result(e),
+                tokens=window,
+                products=products_of(result, extra),
+                preset={name: values[e] for name, values in self.signals.items()},
                 tracker=tracker,
-                memorized_threshold=self.memorized_threshold,
-                boundary_width=int(self.config.get("boundary_width", 4)),
-                exposure=exposure,
+                settings=self.settings(),
+                pairs=[tuple(p) for p in self.config.get("pairs", DEFAULT_PAIRS)],
+                overrides=self.config.get("signals") or None,
+                label=self.labels[e],
+                result=result,
             )
             yield e, record
 
+    def replayed(self) -> list[EvalRecord]:
+        """Every evaluation's record (replayed once and kept)."""
+        if self._replayed is None:
+            self._replayed = [r for _e, r in self.records()]
+        return self._replayed
+
+    def values(self, signal: str) -> np.ndarray:
+        """One signal of every probe at every evaluation, [E, N] (stored or recomputed by the replay)."""
+        n = len(self.ids)
+        rows = [r.values.get(signal, np.full(n, np.nan)) for r in self.replayed()]
+        return np.stack(rows) if rows else np.zeros((0, n))
+
     def memorized(self) -> np.ndarray:
-        """bool [E, N]: exact, or match ratio >= the run's memorized_threshold (metrics.memorized)."""
-        if not len(self.steps):
-            return np.zeros((0, len(self.ids)), dtype=bool)
-        threshold = self.memorized_threshold
-        return np.stack(
-            [
-                metrics.memorized(self.result(e).match_ratio, self.exact[e], threshold)
-                for e in range(len(self.steps))
-            ]
+        """bool [E, N]: exact, or at least memorized_threshold of the suffix reproduced."""
+        return (
+            self.values("memorized").astype(bool) if len(self.steps) else np.zeros((0, len(self.ids)), bool)
         )
 
     def buckets(self) -> np.ndarray:
-        """int [E, N] bucket indices (evaluation.result_buckets)."""
+        """int [E, N] bucket indices (signals.buckets)."""
         if not len(self.steps):
             return np.zeros((0, len(self.ids)), dtype=np.int64)
-        return np.stack([result_buckets(self.result(e)) for e in range(len(self.steps))])
+        return self.values(bucket_signal(self.mode)).astype(np.int64)
 
     def rows(self, group: str) -> np.ndarray:
         return np.flatnonzero(self.groups == group)
 
     def group_series(self) -> list[dict[str, Any]]:
-        """Per evaluation and group: n, extracted, rates and means, bucket counts."""
+        """Per evaluation and group, every group statistic the live monitor logged: counts, rates and means, the
+        buckets, the events, and the entropy across the boundary per bucket (`boundary`)."""
+        # Every group aggregate the registry knows is a key in every row, null where this run's mode does not define
+        # it (exact mode has no match ratio): a reader's schema does not change with the mode.
+        known = dict.fromkeys(
+            a.stat for s in REGISTRY.signals.values() for a in s.aggregates if "group" in a.scopes
+        )
         out = []
-        buckets = self.buckets()
-        mem = self.memorized()
-        for e, step in enumerate(self.steps.tolist()):
-            for g in self.group_names():
-                r = self.rows(g)
-                counts = np.bincount(buckets[e, r], minlength=len(metrics.BUCKET_NAMES))
-                out.append(
-                    {
-                        "step": step,
-                        "group": g,
-                        "n": len(r),
-                        "extracted": int(self.exact[e, r].sum()),
-                        "memorized": int(mem[e, r].sum()),
-                        "extraction_rate": float(self.exact[e, r].mean()) if len(r) else None,
-                        "mean_match_ratio": _clean(_nan_mean(self.match_ratio[e, r])),
-                        "mean_edit_similarity": _clean(_nan_mean(self.edit_similarity[e, r])),
-                        "mean_suffix_nll": _clean(_nan_mean(self.suffix_nll[e, r])),
-                        "median_exposure": _clean(_nan_median(self.exposure[e, r])),
-                        "buckets": dict(zip(metrics.BUCKET_NAMES, counts.tolist(), strict=True)),
-                    }
-                )
+        for record in self.replayed():
+            for scope in record.scopes:
+                if scope.kind == "group":
+                    row = {"step": record.step, "group": scope.key, **scope_row(record, scope.key)}
+                    out.append({**row, **{k: None for k in known if k not in row}})
         return out
+
+    def contrasts(self) -> list[dict[str, Any]]:
+        """Per evaluation and pair (a member group against its control), every contrast statistic."""
+        return [
+            {"step": r.step, "pair": s.key, **{k: _clean(v) for k, v in r.scope(s.key).items()}}
+            for r in self.replayed()
+            for s in r.scopes
+            if s.kind == "pair"
+        ]
 
     def transitions(self, from_index: int | None = None, to_index: int | None = None) -> list[dict[str, Any]]:
         """Transition matrices per group: between consecutive evaluations (default), or between two given ones."""
@@ -206,7 +242,7 @@ class RunData:
                         "from_step": int(self.steps[a]),
                         "to_step": int(self.steps[b]),
                         "group": g,
-                        "matrix": metrics.transition_matrix(buckets[a, r], buckets[b, r]).tolist(),
+                        "matrix": transition_matrix(buckets[a, r], buckets[b, r]).tolist(),
                     }
                 )
         return out
@@ -250,38 +286,45 @@ class RunData:
 
     def tiers(self) -> list[dict[str, Any]]:
         """Canary dose-response per evaluation and repetition tier (inserted canaries against their twins)."""
-        from .evaluation import tier_rows
-
-        first = self.first_memorized()
-        out = []
-        for e, step in enumerate(self.steps.tolist()):
-            ratio = None if np.isnan(self.match_ratio[e]).all() else self.match_ratio[e]
-            out.extend(
-                tier_rows(step, self.groups, self.metas, self.exact[e], ratio, self.exposure[e], first)
-            )
-        return out
+        return [row for record in self.replayed() for row in record.tiers]
 
     def entropy_profiles(self, index: int = -1) -> dict[str, dict[str, Any]]:
         """Mean entropy profile and boundary stats per group and bucket at one evaluation (default: the last)."""
         if not len(self.steps):
             return {}
-        buckets = self.buckets()[index]
-        width = int(self.config.get("boundary_width", 4))
-        out: dict[str, dict[str, Any]] = {}
-        for g in self.group_names():
-            r = self.rows(g)
-            per = {}
-            for b, profile in metrics.entropy_profiles(self.entropy[index, r], buckets[r]).items():
-                pre, post, jump = metrics.boundary_stats(profile, self.entropy_window, width)
-                per[metrics.BUCKET_NAMES[b]] = {
-                    "n": int((buckets[r] == b).sum()),
-                    "profile": [round(float(v), 6) for v in profile],
-                    "pre": _clean(pre),
-                    "post": _clean(post),
-                    "jump": _clean(jump),
-                }
-            out[g] = per
-        return out
+        record = self.replayed()[index]
+        return {s.key: scope_row(record, s.key)["boundary"] for s in record.scopes if s.kind == "group"}
+
+
+def scope_row(record: EvalRecord, key: str) -> dict[str, Any]:
+    """A group's statistics at one evaluation as a report row: the counts, then every scalar by name (NaN as
+    None), the bucket counts as `buckets`, and per bucket the entropy across the boundary as `boundary`
+    ({bucket: {n, pre, post, jump, profile}}; mode exact's teacher-forced ones under the same keys)."""
+    stats = record.scope(key)
+    row: dict[str, Any] = {name: int(stats.get(name, 0)) for name in _ROW_COUNTS}
+    buckets = bucket_signal(record.mode)
+    boundary: dict[str, dict[str, Any]] = {}
+    for name, value in stats.items():
+        head, _, bucket = name.partition("/")
+        if name in _ROW_COUNTS or head in (buckets, "bucket", "prefix_bucket"):
+            continue
+        if head.removeprefix("tf_") in _BOUNDARY:
+            short = {"entropy_pre": "pre", "entropy_post": "post", "boundary_jump": "jump"}[
+                head.removeprefix("tf_")
+            ]
+            boundary.setdefault(bucket, {})[short] = _clean(value)
+            continue
+        row[name] = _clean(value)
+    row["buckets"] = {b: int(stats.get(f"{buckets}/{b}", 0)) for b in BUCKET_NAMES}
+    head = f"{key}/{'' if record.mode == 'full' else 'tf_'}entropy_profile/"
+    for name, profile in record.arrays.items():
+        if name.startswith(head):
+            bucket = name[len(head) :]
+            entry = boundary.setdefault(bucket, {})
+            entry["n"] = row["buckets"].get(bucket, 0)
+            entry["profile"] = [round(float(v), 6) for v in profile]
+    row["boundary"] = {b: boundary[b] for b in BUCKET_NAMES if b in boundary}
+    return row
 
 
 class History:
@@ -347,7 +390,10 @@ class History:
         entropy = np.full((e, n, w_m), np.nan, dtype=np.float32)
         generated = np.zeros((e, n, m), np.int64)
         any_generated = False
+        signals: dict[str, np.ndarray] = {}
         for ei, ev in enumerate(evals):
+            for name, values in self.store.signal_values(ev["eval_id"]).items():
+                signals.setdefault(name, np.full((e, n), np.nan))[ei, : len(values)] = values
             for row in self.store.results(ev["eval_id"]):
                 i = index.get(row["probe_id"])
                 if i is None:
@@ -399,6 +445,7 @@ class History:
             specs=[ev["spec"] for ev in evals],
             wall_times=np.array([ev["wall_time"] or 0.0 for ev in evals], dtype=np.float64),
             durations=np.array([ev["duration"] or 0.0 for ev in evals], dtype=np.float64),
+            signals=signals,
         )
 
     def all_runs(self) -> list[RunData]:
@@ -415,13 +462,33 @@ class History:
             raise ImportError(
                 "History.to_pandas needs pandas: pip install 'memwatch[pandas]' (or pandas)"
             ) from exc
-        import csv
-        import io
+        rows = [row for run in self.all_runs() for row in probe_rows(run)]
+        return pd.DataFrame.from_records(rows, columns=list(rows[0]) if rows else list(PROBE_COLUMNS))
 
-        from .report import render_csv
 
-        table = pd.read_csv(io.StringIO(render_csv(self)), quoting=csv.QUOTE_MINIMAL)
-        return table
+PROBE_COLUMNS = ("run_id", "run", "step", "label", "probe_id", "group", "repetitions")
+
+
+def probe_rows(run: RunData) -> Iterator[dict[str, Any]]:
+    """One row per (evaluation, probe): who and when, then every per-probe signal of the run (stored, or recomputed
+    by the replay), booleans as 0/1 and what was not measured as None. The CSV report and to_pandas."""
+    names = [s.name for s in REGISTRY if any(s.name in r.values for r in run.replayed())]
+    for record in run.replayed():
+        columns = {name: record.values.get(name) for name in names}
+        for i, pid in enumerate(run.ids):
+            row: dict[str, Any] = {
+                "run_id": run.run_id,
+                "run": run.name,
+                "step": record.step,
+                "label": record.label or "",
+                "probe_id": pid,
+                "group": run.groups[i],
+                "repetitions": run.metas[i].get("repetitions"),
+            }
+            for name, values in columns.items():
+                v = None if values is None else values[i]
+                row[name] = int(v) if isinstance(v, bool | np.bool_) else _clean(v)
+            yield row
 
 
 def report_dict(history: History) -> dict[str, Any]:
@@ -441,6 +508,7 @@ def report_dict(history: History) -> dict[str, Any]:
             for r in runs
         ],
         "evals": [],
+        "contrasts": [],
         "transitions": [],
         "probes": [],
         "canaries": {"tiers": []},
@@ -452,6 +520,7 @@ def report_dict(history: History) -> dict[str, Any]:
     for r in runs:
         out["canaries"]["tiers"].extend({"run_id": r.run_id, **row} for row in r.tiers())
         out["evals"].extend({"run_id": r.run_id, **row} for row in r.group_series())
+        out["contrasts"].extend({"run_id": r.run_id, **row} for row in r.contrasts())
         out["transitions"].extend({"run_id": r.run_id, **row} for row in r.transitions())
         out["probes"].extend({"run_id": r.run_id, **row} for row in r.timelines())
     return out

@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["ACTIONS", "RULES", "AlertConfig", "ConfigError", "MonitorConfig"]
 
-RULES = ("canary_extracted", "extraction_rate", "spike", "leak", "exposure")
+RULES = ("canary_extracted", "extraction_rate", "spike", "leak", "exposure", "threshold")
 ACTIONS = ("save_checkpoint", "stop_training")
 
 
@@ -31,6 +31,21 @@ def _check_fraction(name: str, value: Any, *, low_open: bool = True) -> None:
     if not ok:
         interval = "(0, 1]" if low_open else "[0, 1]"
         raise ConfigError(f"MonitorConfig.{name} must be a number in {interval}; got {value!r}")
+
+
+def _check_signals(signals: Any) -> None:
+    from .signals import REGISTRY
+
+    if not isinstance(signals, Mapping) or not all(isinstance(v, bool) for v in signals.values()):
+        raise ConfigError(
+            f"MonitorConfig.signals must map signal names to True or False, e.g. {{'edit_similarity': False}}; got {signals!r}"
+        )
+    unknown = sorted(set(signals) - set(REGISTRY.switches()))
+    if unknown:
+        raise ConfigError(
+            f"MonitorConfig.signals: unknown signal(s) {unknown}; registered signals and group statistics: "
+            f"{REGISTRY.switches()}"
+        )
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -101,6 +116,15 @@ class AlertConfig:
     cooldown: int = 3  # evaluations before the same rule may fire again for the same group or probe
     hysteresis: float = 0.2  # a threshold re-arms once the value falls this fraction below it
     actions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # rule -> ("save_checkpoint", ...)
+    # Any statistic a record holds, by key, and the value that fires (rule "threshold"), e.g.
+    # {"canary/extraction_rate": 0.25, "train~heldout/loss_auc": 0.75}; "*" patterns name several keys.
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    rules: tuple[
+        Any, ...
+    ] = ()  # your own rules (memwatch.alerts.Rule: a `name` and check(record, state, ctx))
+    # A flip (canary extracted, leak) on a row whose greedy step was a near tie may be rounding: it waits for the
+    # next evaluation and fires only if it holds there.
+    confirm_near_ties: bool = True
     # --- sinks (console, logging, the history and TensorBoard follow MonitorConfig's own switches) ---
     jsonl: bool = True  # <output_dir>/alerts.jsonl, mode 0600
     webhook_url: str | None = None  # HTTP POST of JSON (Slack-style {"text": ...}); no connection without it
@@ -111,7 +135,7 @@ class AlertConfig:
     on_alert: Callable[[Any], Any] | None = None  # your function, called with each Alert
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "canary_extracted", "spike", "leak", "jsonl"):
+        for name in ("enabled", "canary_extracted", "spike", "leak", "jsonl", "confirm_near_ties"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"AlertConfig.{name} must be True or False; got {getattr(self, name)!r}")
         if not isinstance(self.extraction_rate, Mapping) or not all(
@@ -163,9 +187,25 @@ class AlertConfig:
             raise ConfigError(
                 f"AlertConfig.leak_groups must be a tuple of group names; got {self.leak_groups!r}"
             )
+        if not isinstance(self.thresholds, Mapping) or not all(
+            isinstance(k, str) and k.count("/") >= 1 and _finite_number(v) for k, v in self.thresholds.items()
+        ):
+            raise ConfigError(
+                "AlertConfig.thresholds must map statistic keys ('<group>/<stat>', e.g. 'train/extraction_rate' or "
+                f"'train~heldout/loss_auc') to finite numbers; got {self.thresholds!r}"
+            )
+        if not isinstance(self.rules, tuple) or not all(
+            isinstance(getattr(r, "name", None), str) and callable(getattr(r, "check", None))
+            for r in self.rules
+        ):
+            raise ConfigError(
+                "AlertConfig.rules must be a tuple of rules, each with a `name` and a check(record, state, ctx) "
+                f"method (see memwatch.alerts); got {self.rules!r}"
+            )
+        names = RULES + tuple(r.name for r in self.rules)
         for rule, acts in self.actions.items():
-            if rule not in RULES:
-                raise ConfigError(f"AlertConfig.actions: unknown rule {rule!r}; rules are {RULES}")
+            if rule not in names:
+                raise ConfigError(f"AlertConfig.actions: unknown rule {rule!r}; rules are {names}")
             if isinstance(acts, str) or not all(a in ACTIONS for a in acts):
                 raise ConfigError(f"AlertConfig.actions[{rule!r}] must be a tuple of {ACTIONS}; got {acts!r}")
         if self.webhook_url is not None:
@@ -203,6 +243,11 @@ class MonitorConfig:
         "auto"  # "auto": the trainer's bf16/fp16 setting; None: the model's dtype; "bf16"/"fp16"
     )
     memorized_threshold: float = 1.0  # match ratio that counts as memorized; 1.0 means exact extraction
+    # Signals switched on or off by name (memwatch.signals.REGISTRY holds them; each has a default): a number that
+    # is not needed costs nothing, since the engine computes only what the enabled signals need.
+    signals: Mapping[str, bool] = field(default_factory=dict)
+    # Member groups against their controls: contrasts (e.g. membership AUCs) are computed for each pair present.
+    pairs: tuple[tuple[str, str], ...] = (("train", "heldout"), ("canary", "canary_heldout"))
 
     # --- the panel (DESIGN.md §5) ---
     train_probes: int = 512  # enough for a rate to move in steps of 0.2%, small enough to be cheap
@@ -271,6 +316,15 @@ class MonitorConfig:
                 f"MonitorConfig.amp_dtype must be 'auto', None, 'bf16', 'fp16' or 'fp32'; got {self.amp_dtype!r}"
             )
         _check_fraction("memorized_threshold", self.memorized_threshold)
+        _check_signals(self.signals)
+        if not isinstance(self.pairs, tuple) or not all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(g, str) and g for g in p) and p[0] != p[1]
+            for p in self.pairs
+        ):
+            raise ConfigError(
+                "MonitorConfig.pairs must be a tuple of (member group, control group) pairs of two different group "
+                f"names, e.g. (('train', 'heldout'),); got {self.pairs!r}"
+            )
         if self.mode == "exact" and self.memorized_threshold < 1:
             raise ConfigError(
                 "MonitorConfig.memorized_threshold below 1 needs the match ratio, which mode='exact' does not compute "
@@ -291,11 +345,15 @@ class MonitorConfig:
             )
 
     def spec(self) -> dict[str, Any]:
-        """The extraction spec recorded with every evaluation."""
+        """The extraction spec recorded with every evaluation. Its entropy_window is the one measured: 0 when no
+        enabled signal or statistic reads the prefix's entropies (the engine then keeps only the suffix's logits)."""
+        from .signals import REGISTRY
+
+        needs = REGISTRY.products(self.signals, self.mode)
         return {
             "prefix_len": self.prefix_len,
             "suffix_len": self.suffix_len,
-            "entropy_window": self.entropy_window,
+            "entropy_window": self.entropy_window if "entropy" in needs else 0,
             "mode": self.mode,
         }
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
 from .modeling import ModelInfo, inspect_model, preserved_state
 from .result import ExtractionResult
+from .signals import extraction as metrics
 
 __all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix"]
 

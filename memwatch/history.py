@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import sys
 import time
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ __all__ = [
     "reveal_matches",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: memwatch 0.1.0; 2: the signal catalog (signals, signal_values)
 APPLICATION_ID = 0x6D656D77  # "memw": tells a memwatch history from any other SQLite file
 PAGE_SIZE = 16384  # rows carry ~400 bytes of blobs: larger pages measured ~1.7x faster ingest than 4 KiB
 CACHE_KIB = 65536  # a 64 MiB page cache per connection
@@ -100,6 +101,24 @@ CREATE TABLE alerts (
 );
 CREATE INDEX alerts_by_step ON alerts (run_id, step);
 """
+# Schema 2: registered signals beyond the typed result columns, without a schema change per signal. One row per
+# (evaluation, signal) holds the values of every probe of the run's panel, in panel order.
+_SIGNALS = """
+CREATE TABLE signals (
+    signal_id INTEGER PRIMARY KEY,
+    name      TEXT NOT NULL,
+    version   INTEGER NOT NULL,
+    unit      TEXT,
+    meaning   TEXT,
+    UNIQUE (name, version)
+);
+CREATE TABLE signal_values (
+    eval_id   INTEGER NOT NULL REFERENCES evals(eval_id),
+    signal_id INTEGER NOT NULL REFERENCES signals(signal_id),
+    data      BLOB NOT NULL,           -- float64 little-endian [N], NaN where not measured
+    PRIMARY KEY (eval_id, signal_id)
+) WITHOUT ROWID;
+"""
 
 RESULT_COLUMNS = (
     "exact",
@@ -141,6 +160,13 @@ def _reading(method: Any) -> Any:
     return wrapper
 
 
+def _le(values: array) -> array:
+    """Blobs are little-endian on every machine: swapped in place on a big-endian one."""
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values
+
+
 def _blob(row: Any, typecode: str) -> bytes:
     if hasattr(row, "tobytes"):  # a numpy row of the right dtype (callers pass int32 / float32 arrays)
         return row.tobytes()
@@ -161,8 +187,8 @@ WITHHELD = -2  # a generated token that differs from it, not kept (reveal_text=F
 
 
 def reveal_matches(generated: Any, suffix: Any) -> Any:
-    """A stored continuation [.., m] with its MATCH entries replaced by the true suffix tokens [.., m]."""
-    import numpy as np
+    """A stored continuation [.., m] (numpy) with its MATCH entries replaced by the true suffix tokens [.., m]."""
+    import numpy as np  # readers of arrays have numpy; the store itself does not need it
 
     gen = np.asarray(generated)
     return np.where(gen == MATCH, np.asarray(suffix), gen)
@@ -201,6 +227,8 @@ class HistoryStore:
         self.readonly = readonly
         self._positions: dict[int, dict[str, int]] = {}  # run_id -> probe_id -> position
         self._tokens: dict[int, dict[int, list[int]]] = {}  # run_id -> position -> probe tokens
+        self._signal_ids: dict[tuple[str, int], int] = {}
+        self.version = SCHEMA_VERSION
         created = False
         if readonly:
             if not os.path.exists(self.path):
@@ -275,10 +303,11 @@ class HistoryStore:
             c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             # executescript commits whatever is pending, so the transaction lives inside the script.
             c.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA application_id={APPLICATION_ID};\n"
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_SIGNALS}\nPRAGMA application_id={APPLICATION_ID};\n"
                 f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
             )
             c.execute("PRAGMA synchronous=NORMAL")
+            self.version = SCHEMA_VERSION
             return
         if app_id != APPLICATION_ID:
             raise HistoryError(
@@ -295,6 +324,33 @@ class HistoryStore:
             c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
         c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        self.version = version
+        if version < SCHEMA_VERSION and not self.readonly:
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older history up to SCHEMA_VERSION in place: a full copy of the file first (beside it,
+        `<name>.v<version>.bak`), then one transaction that only adds tables; nothing is rewritten or truncated,
+        and a failure leaves the file as it was (the copy stays)."""
+        backup = f"{self.path}.v{version}.bak"
+        if not os.path.exists(backup):
+            _create_private(backup)
+            target = sqlite3.connect(backup)
+            try:
+                self.conn.backup(target)
+            finally:
+                target.close()
+        steps = {1: _SIGNALS}
+        script = "".join(steps[v] for v in range(version, SCHEMA_VERSION))
+        try:
+            self.conn.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
+            )
+        except sqlite3.DatabaseError:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+        self.version = SCHEMA_VERSION
 
     def _check_integrity(self) -> None:
         """SQLite's quick_check (every page and B-tree structure; not the index contents), bounded in time.
@@ -428,12 +484,15 @@ class HistoryStore:
         duration: float | None = None,
         label: str | None = None,
         reveal_generated: bool = False,
+        signals: Mapping[str, tuple[Any, Any]] | None = None,
     ) -> int:
         """Append one evaluation: one results row per probe. Replaces an evaluation at the same run, step and spec.
 
         columns: RESULT_COLUMNS -> per-row sequences (numpy arrays welcome); "generated" [N, m] int32 rows and
         "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL. Generated tokens
         are stored as MATCH / WITHHELD (see _hide_matches) unless reveal_generated keeps the ones that differ.
+        signals: the registered signals stored beside the columns, name -> (its Signal, or anything with version,
+        unit and meaning; per-probe values [N]); one catalog row per signal and version.
         """
         n = len(probe_ids)
         spec_json = json.dumps(dict(spec), sort_keys=True)
@@ -465,6 +524,7 @@ class HistoryStore:
             ).fetchone()
             if old is not None:
                 c.execute("DELETE FROM results WHERE eval_id = ?", (old[0],))
+                c.execute("DELETE FROM signal_values WHERE eval_id = ?", (old[0],))
                 c.execute("DELETE FROM evals WHERE eval_id = ?", (old[0],))
             cur = c.execute(
                 "INSERT INTO evals (run_id, step, wall_time, duration, prefix_len, suffix_len, entropy_window, mode,"
@@ -505,7 +565,46 @@ class HistoryStore:
                 " suffix_nll, near_tie, exposure, generated, entropy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            for name, (meta, values) in (signals or {}).items():
+                data = array("d", [float("nan")]) * len(positions)  # float64 [N] in panel order
+                for p, v in zip(pos, values.tolist() if hasattr(values, "tolist") else values, strict=True):
+                    data[p] = float(v)
+                c.execute(
+                    "INSERT INTO signal_values (eval_id, signal_id, data) VALUES (?, ?, ?)",
+                    (eval_id, self._signal_id(c, name, meta), _le(data).tobytes()),
+                )
         return eval_id
+
+    def _signal_id(self, c: sqlite3.Connection, name: str, meta: Any) -> int:
+        version = int(getattr(meta, "version", 1))
+        key = (name, version)
+        if key not in self._signal_ids:
+            row = c.execute("SELECT signal_id FROM signals WHERE name = ? AND version = ?", key).fetchone()
+            if row is None:
+                cur = c.execute(
+                    "INSERT INTO signals (name, version, unit, meaning) VALUES (?, ?, ?, ?)",
+                    (name, version, getattr(meta, "unit", None), getattr(meta, "meaning", None)),
+                )
+                row = (cur.lastrowid,)
+            self._signal_ids[key] = int(row[0])
+        return self._signal_ids[key]
+
+    @_reading
+    def signal_values(self, eval_id: int) -> dict[str, array]:
+        """An evaluation's registered signals: name -> float64 array [N] in panel order (the latest version)."""
+        if self.version < 2:
+            return {}
+        rows = self.conn.execute(
+            "SELECT s.name, s.version, v.data FROM signal_values v JOIN signals s USING (signal_id)"
+            " WHERE v.eval_id = ? ORDER BY s.name, s.version",
+            (eval_id,),
+        )
+        out = {}
+        for name, _version, data in rows:
+            values = array("d")
+            values.frombytes(data)
+            out[name] = _le(values)
+        return out
 
     def _hide_matches(
         self, run_id: int, positions: Sequence[int], spec: Mapping[str, Any], generated: Any, reveal: bool
@@ -514,13 +613,19 @@ class HistoryStore:
         a model reproduces of a probe (a canary's secret, training text) lives in the probes table only; every other
         token as WITHHELD (-2) unless `reveal` (a model's continuation of one probe can be another memorized text:
         a training window continued with a canary's secret). Readers put the suffix back (reveal_matches)."""
-        import numpy as np
-
-        gen = np.asarray(generated, dtype=np.int32)
         k, m = int(spec["prefix_len"]), int(spec["suffix_len"])
         tokens = self._panel_tokens(run_id)
-        suffix = np.array([tokens[p][k : k + m] for p in positions], dtype=np.int32).reshape(gen.shape)
-        return np.where(gen == suffix, MATCH, gen if reveal else WITHHELD).astype(np.int32)
+        rows = generated.tolist() if hasattr(generated, "tolist") else generated
+        return [
+            array(
+                "i",
+                [
+                    MATCH if g == t else (g if reveal else WITHHELD)
+                    for g, t in zip(row, tokens[p][k : k + m], strict=True)
+                ],
+            )
+            for row, p in zip(rows, positions, strict=True)
+        ]
 
     def _panel_tokens(self, run_id: int) -> dict[int, list[int]]:
         if run_id not in self._tokens:
@@ -584,6 +689,7 @@ class HistoryStore:
                 for r in c.execute("SELECT eval_id FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
             ]
             c.executemany("DELETE FROM results WHERE eval_id = ?", ((i,) for i in ids))
+            c.executemany("DELETE FROM signal_values WHERE eval_id = ?", ((i,) for i in ids))
             c.execute("DELETE FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
             c.execute("DELETE FROM alerts WHERE run_id = ? AND step > ?", (run_id, step))
             return len(ids)

@@ -15,8 +15,8 @@ import numpy as np
 
 from . import distributed
 from .config import MonitorConfig
-from .evaluation import EvalRecord, ProbeTracker, build_record
 from .probes import Panel, Probe, probes_from_user, sample_windows
+from .record import EvalRecord, ProbeTracker, build_record, products_of
 
 __all__ = ["Cadence", "Monitor", "SetupError"]
 
@@ -116,6 +116,36 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def write_history(history: Any, run_id: int, record: EvalRecord, reveal_text: bool) -> None:
+    """One evaluation into the history: the typed columns, and every other stored signal through the catalog."""
+    from .history import RESULT_COLUMNS
+    from .signals import REGISTRY
+
+    r = record.result
+    assert r is not None
+    columns: dict[str, Any] = {name: record.values.get(name) for name in RESULT_COLUMNS}
+    columns["exposure"] = record.exposure
+    columns["generated"] = None if r.generated is None else r.generated.astype(np.int32)
+    columns["entropy"] = r.entropy
+    signals = {
+        name: (REGISTRY.signals[name], values)
+        for name, values in record.values.items()
+        if name not in RESULT_COLUMNS and REGISTRY.signals[name].stored and np.isfinite(values).any()
+    }
+    history.add_evaluation(
+        run_id,
+        record.step,
+        spec=record.spec,
+        probe_ids=record.probe_ids,
+        wall_time=record.wall_time,
+        duration=record.duration,
+        label=record.label,
+        reveal_generated=reveal_text,
+        columns=columns,
+        signals=signals,
+    )
 
 
 class EvaluationError(RuntimeError):
@@ -357,6 +387,22 @@ class Monitor:
                 f"AlertConfig names group(s) {unknown} that the panel does not have, so those rules could never "
                 f"fire; the panel's groups are {self.panel.group_names()}"
             )
+        from .record import scopes_of
+
+        scopes = [
+            s.key
+            for s in scopes_of(self.panel.groups, [p.meta for p in self.panel.probes], self.config.pairs)
+        ]
+        missing = [
+            key
+            for key in acfg.thresholds
+            if not any(c in key for c in "*?[") and key.rpartition("/")[0] not in scopes
+        ]
+        if missing:
+            raise SetupError(
+                f"AlertConfig.thresholds names {missing}, whose group, tier or pair the panel does not have, so "
+                f"those rules could never fire; the panel has {scopes}"
+            )
 
     def _check_definitions(self, stored: Mapping[str, Any]) -> None:
         """A resumed run measures what it measured before: refuse a config that changes a definition."""
@@ -557,7 +603,7 @@ class Monitor:
             try:
                 # A resumed run drops the events the interrupted one wrote after its checkpoint.
                 self.tensorboard = TensorBoardReporter(
-                    tb_dir, self.panel.group_names(), purge_step=purge_from + 1 if purge_from > 0 else None
+                    tb_dir, purge_step=purge_from + 1 if purge_from > 0 else None
                 )
             except OSError as exc:
                 raise SetupError(
@@ -577,11 +623,7 @@ class Monitor:
         acfg = self.config.alerts
         if not acfg.enabled:
             return
-        k, m = self.config.prefix_len, self.config.suffix_len
-        distinct = np.array([len(set(p.tokens[k : k + m])) for p in self.panel.probes], dtype=np.int64)
-        self.alert_engine = AlertEngine(
-            acfg, describe=self._describe if self.config.reveal_text else None, suffix_distinct=distinct
-        )
+        self.alert_engine = AlertEngine(acfg, describe=self._describe if self.config.reveal_text else None)
         sinks = AlertSinks()
         if self.console is not None:
             sinks.add("console", self.console.alert)
@@ -685,7 +727,7 @@ class Monitor:
         before = self.tracker.snapshot()
         recorded = True
         try:
-            result, exposure = self._measure(model, progress)
+            result, extra = self._measure(model, progress)
             record = build_record(
                 step=step,
                 wall_time=time.time(),
@@ -694,11 +736,14 @@ class Monitor:
                 probe_ids=self.panel.ids,
                 groups=self.panel.groups,
                 metas=[p.meta for p in self.panel.probes],
-                result=result,
+                tokens=self._tokens,
+                products=products_of(result, extra),
                 tracker=self.tracker,
-                memorized_threshold=cfg.memorized_threshold,
-                boundary_width=cfg.boundary_width,
-                exposure=exposure,
+                settings=cfg.definitions(),
+                pairs=cfg.pairs,
+                overrides=cfg.signals,
+                label=label,
+                result=result,
             )
             self.last_record = record
             if self.is_main:
@@ -754,7 +799,7 @@ class Monitor:
                 tokens,
                 prefix_len=cfg.prefix_len,
                 suffix_len=cfg.suffix_len,
-                entropy_window=cfg.entropy_window,
+                entropy_window=self._entropy_window(),
                 batch_size=bs,
                 mode=cfg.mode,
                 amp_dtype=self.amp_dtype,
@@ -789,7 +834,7 @@ class Monitor:
             from .modeling import inspect_model
 
             cfg = self.config
-            k, m, w = cfg.prefix_len, cfg.suffix_len, cfg.entropy_window
+            k, m, w = cfg.prefix_len, cfg.suffix_len, self._entropy_window()
             self.batch_size = _auto_batch_size(inspect_model(model), rows, k, m, w, cfg.mode, 4, None)
         if self.batch_size <= 1:
             return False
@@ -808,8 +853,8 @@ class Monitor:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _measure(self, model: Any, progress: Any) -> tuple[Any, np.ndarray | None]:
-        """The ExtractionResult (and exposure) of the whole panel; under torch.distributed each rank computes a
+    def _measure(self, model: Any, progress: Any) -> tuple[Any, dict[str, np.ndarray]]:
+        """The ExtractionResult of the whole panel and what the measurement adds (exposure, when due); under torch.distributed each rank computes a
         shard with the same number of forward calls and every rank receives all of it, in probe order."""
         from .extraction import ExtractionResult
 
@@ -818,7 +863,7 @@ class Monitor:
         world = distributed.world_size() if distributed.is_distributed() else 1
         if world == 1:
             result = self._extract(model, self._tokens, progress, None)
-            return result, self._exposure(model, result, np.arange(len(self.panel))) if due else None
+            return result, self._exposure(model, result, np.arange(len(self.panel))) if due else {}
         rank = distributed.rank()
         idx, real = distributed.shard(len(self.panel), world, rank)
         sync = None
@@ -831,8 +876,8 @@ class Monitor:
             error: Exception | None = None
             try:
                 part = self._extract(model, self._tokens[idx], progress, sync)
-                exp = self._exposure(model, part, idx, sync=sync) if due else None
-                payload = (part.select(slice(0, real)), None if exp is None else exp[:real])
+                exp = self._exposure(model, part, idx, sync=sync) if due else {}
+                payload = (part.select(slice(0, real)), {k: v[:real] for k, v in exp.items()})
             except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
                 error = exc
                 kind = "oom" if _is_oom(exc) else "error"
@@ -851,8 +896,8 @@ class Monitor:
                 continue
             raise EvaluationError("; ".join(p[1] for p in failed)) from error
         result = ExtractionResult.concat([p[0] for p in parts])
-        exposure = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
-        return result, exposure
+        extra = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+        return result, extra
 
     def _alert(self, record: EvalRecord) -> None:
         if self.alert_engine is None:
@@ -935,8 +980,21 @@ class Monitor:
             return None
         return "memwatch lost data during this run: " + "; ".join(parts)
 
+    def _needs(self) -> frozenset[str]:
+        """The products the enabled signals and group statistics need (the engine computes no more)."""
+        from .signals import REGISTRY
+
+        return REGISTRY.products(self.config.signals, self.config.mode)
+
+    def _entropy_window(self) -> int:
+        """w: the prefix positions of the entropy profile, 0 (logits for the m suffix positions only) when no
+        enabled statistic reads the profile."""
+        return int(self.config.spec()["entropy_window"])
+
     def _exposure_due(self) -> bool:
         if self.manifest is None or not self.manifest.references or self.panel is None:
+            return False
+        if "exposure" not in self._needs():  # every exposure signal switched off: no scoring pass
             return False
         every = self.config.exposure_every
         if every is None:
@@ -944,7 +1002,7 @@ class Monitor:
             every = max(1, math.ceil(n * self.config.exposure_references / 32768))
         return len(self.evaluated_steps) % every == 0
 
-    def _exposure(self, model: Any, result: Any, rows: np.ndarray, sync: Any = None) -> np.ndarray:
+    def _exposure(self, model: Any, result: Any, rows: np.ndarray, sync: Any = None) -> dict[str, np.ndarray]:
         """Exposure of every canary and twin among `rows` (panel indices, in the order of `result`): its secret
         ranked among R references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
         return self._backoff(
@@ -955,10 +1013,12 @@ class Monitor:
             local=sync is None,
         )
 
-    def _score_exposure(self, model: Any, rows: np.ndarray, batch_size: int | None, sync: Any) -> np.ndarray:
+    def _score_exposure(
+        self, model: Any, rows: np.ndarray, batch_size: int | None, sync: Any
+    ) -> dict[str, np.ndarray]:
         from .extraction import _auto_batch_size, suffix_nll_after_prefix
-        from .metrics import exposure
         from .modeling import inspect_model
+        from .signals.exposure import exposure, exposure_extrapolated, exposure_rank
 
         cfg = self.config
         k, m = cfg.prefix_len, cfg.suffix_len
@@ -975,7 +1035,12 @@ class Monitor:
             act_bytes=4,  # fp32 sizing: safe under autocast too
             budget=None,
         )
-        out = np.full(len(rows), np.nan)
+        forms = {
+            "exposure": exposure,
+            "exposure_rank": exposure_rank,
+            "exposure_extrapolated": exposure_extrapolated,
+        }
+        out = {name: np.full(len(rows), np.nan) for name in forms}
         for j, i in enumerate(rows.tolist()):
             probe = self.panel.probes[i]
             refs = self.manifest.references.get(probe.meta.get("family", ""))
@@ -990,41 +1055,18 @@ class Monitor:
             nll = suffix_nll_after_prefix(
                 model, self._tokens[i, :k], candidates, batch_size=bs, amp_dtype=self.amp_dtype, sync=sync
             )
-            out[j] = exposure(float(nll[0]), nll[1:])
+            for name, form in forms.items():
+                out[name][j] = form(float(nll[0]), nll[1:])
         return out
 
     def _write(self, record: EvalRecord, label: str | None = None) -> bool:
         """History, TensorBoard and console, each on its own: one failing writer does not stop the others.
         True unless the history failed to record the evaluation."""
-        r = record.result
         writers: list[tuple[str, Callable[[], Any]]] = []
         if self.history is not None and self.run_id is not None:
             history, run_id = self.history, self.run_id
             writers.append(
-                (
-                    "history",
-                    lambda: history.add_evaluation(
-                        run_id,
-                        record.step,
-                        spec=record.spec,
-                        probe_ids=record.probe_ids,
-                        wall_time=record.wall_time,
-                        duration=record.duration,
-                        label=label,
-                        reveal_generated=self.config.reveal_text,
-                        columns={
-                            "exact": r.exact,
-                            "match_ratio": r.match_ratio,
-                            "prefix_match_len": r.prefix_match_len,
-                            "edit_similarity": r.edit_similarity,
-                            "suffix_nll": r.suffix_nll,
-                            "near_tie": r.near_tie,
-                            "exposure": record.exposure,
-                            "generated": None if r.generated is None else r.generated.astype(np.int32),
-                            "entropy": r.entropy,
-                        },
-                    ),
-                )
+                ("history", lambda: write_history(history, run_id, record, self.config.reveal_text))
             )
         if self.tensorboard is not None:
             writers.append(("tensorboard", lambda: self.tensorboard.write(record)))

@@ -12,30 +12,57 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import History, RunData
-from .metrics import BUCKET_NAMES
+from .analysis import History, RunData, probe_rows
+from .signals import REGISTRY
+from .signals.buckets import BUCKET_NAMES
 
 __all__ = ["compare_dict", "render_compare", "render_csv", "render_html", "render_text", "write_pythia_csv"]
 
 _SPARK = "▁▂▃▄▅▆▇█"
-# One row per group and step, in the text and the HTML report alike.
-_GROUP_COLUMNS = (
-    "step",
-    "group",
-    "n",
-    "extracted",
-    "rate",
-    "match ratio",
-    "edit sim",
-    "suffix NLL",
-    "exposure",
-)
 
 
 def _f(value: Any, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
+
+
+def group_table(run: RunData) -> tuple[list[str], list[list[str]]]:
+    """The groups-over-steps table of the text and HTML reports alike: step, group, n, extracted, then every
+    headline statistic of the registry that this run has (memwatch.signals: Aggregate.headline)."""
+    series = run.group_series()
+    stats = [a for a in REGISTRY.headline(run.mode) if any(a.stat in r for r in series)]
+    headers = ["step", "group", "n", "extracted", *[a.title for a in stats]]
+    rows = [
+        [
+            str(r["step"]),
+            r["group"],
+            str(r["n"]),
+            str(r["extracted"]),
+            *[_f(r.get(a.stat), a.fmt) for a in stats],
+        ]
+        for r in series
+    ]
+    return headers, rows
+
+
+def contrast_table(run: RunData) -> tuple[list[str], list[list[str]]]:
+    """The contrasts over steps (a member group against its control: train~heldout, canary~canary_heldout), every
+    statistic the registry's contrasts gave; empty when there is none."""
+    series = run.contrasts()
+    stats = list(dict.fromkeys(k for r in series for k in r if k not in ("step", "pair")))
+    if not [s for s in stats if s not in ("n", "control_n")]:
+        return [], []
+    headers = ["step", "pair", *stats]
+    rows = [
+        [
+            str(r["step"]),
+            r["pair"],
+            *[_f(r.get(s), ".0f" if s in ("n", "control_n") else ".3f") for s in stats],
+        ]
+        for r in series
+    ]
+    return headers, rows
 
 
 def _pick(run: RunData, step: int | None, default: int) -> int:
@@ -62,6 +89,19 @@ def spark(values: Sequence[float], boundary: int | None = None) -> str:
 
 
 # --- text -------------------------------------------------------------------------------------------------------
+
+
+def _show(console: Any, table: Any) -> None:
+    """Print a table at its natural width even past the console's: a report's numbers are never cut to '…'."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    width = console.width
+    console.width = max(width, need)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def render_text(
@@ -93,21 +133,22 @@ def render_text(
             console.print("no evaluations yet")
             continue
         t = Table(title="groups over steps", title_justify="left", header_style="bold")
-        for col in _GROUP_COLUMNS:
+        headers, rows = group_table(run)
+        for col in headers:
             t.add_column(col, justify="left" if col == "group" else "right")
-        for row in run.group_series():
-            t.add_row(
-                str(row["step"]),
-                row["group"],
-                str(row["n"]),
-                str(row["extracted"]),
-                _f(row["extraction_rate"], ".1%"),
-                _f(row["mean_match_ratio"]),
-                _f(row["mean_edit_similarity"]),
-                _f(row["mean_suffix_nll"]),
-                _f(row["median_exposure"], ".1f"),
+        for row in rows:
+            t.add_row(*row)
+        _show(console, t)
+        headers, rows = contrast_table(run)
+        if rows:
+            t = Table(
+                title="contrasts: members against their control", title_justify="left", header_style="bold"
             )
-        console.print(t)
+            for col in headers:
+                t.add_column(col, justify="left" if col == "pair" else "right")
+            for row in rows:
+                t.add_row(*row)
+            _show(console, t)
         a = _pick(run, from_step, 0)
         b = _pick(run, to_step, len(run.steps) - 1)
         for tr in run.transitions(a, b):
@@ -124,7 +165,7 @@ def render_text(
                 t.add_column(name, justify="right")
             for i, name in enumerate(BUCKET_NAMES):
                 t.add_row(name, *[str(int(x)) if x else "." for x in m[i]])
-            console.print(t)
+            _show(console, t)
         timelines = [p for p in run.timelines() if p["first_memorized_step"] is not None]
         t = Table(
             title=f"probe timelines ({len(timelines)} ever memorized)",
@@ -143,13 +184,13 @@ def render_text(
                 ", ".join(map(str, p["rememorized_steps"])) or "-",
                 "yes" if p["memorized_at_end"] else "no",
             )
-        console.print(t)
+        _show(console, t)
         if len(timelines) > max_probes:
             console.print(f"... and {len(timelines) - max_probes} more (see --format json or csv)")
         tiers = [r for r in run.tiers() if r["step"] == int(run.steps[b])]
         if tiers:
             t = tier_table(tiers, f"canaries: dose-response at step {int(run.steps[b])}", box=box.SIMPLE)
-            console.print(t)
+            _show(console, t)
         t = Table(
             title=f"entropy across the boundary at step {int(run.steps[b])} (nats; '|' = boundary)",
             title_justify="left",
@@ -168,7 +209,7 @@ def render_text(
                     _f(e["jump"], "+.2f"),
                     spark(e["profile"], run.entropy_window),
                 )
-        console.print(t)
+        _show(console, t)
         run_alerts = [x for x in alerts if x["run_id"] == run.run_id]
         if run_alerts:
             t = Table(title="alerts", title_justify="left", header_style="bold")
@@ -176,60 +217,22 @@ def render_text(
                 t.add_column(col)
             for x in run_alerts:
                 t.add_row(str(x["step"]), x["rule"], x["group"] or "", x["action"] or "", x["message"])
-            console.print(t)
+            _show(console, t)
     return out.getvalue()
 
 
 # --- CSV ----------------------------------------------------------------------------------------------------------
 
-CSV_COLUMNS = (
-    "run_id",
-    "run",
-    "step",
-    "label",
-    "probe_id",
-    "group",
-    "repetitions",
-    "exact",
-    "match_ratio",
-    "prefix_match_len",
-    "edit_similarity",
-    "suffix_nll",
-    "near_tie",
-    "exposure",
-)
-
 
 def render_csv(history: History) -> str:
-    """One row per (run, evaluation, probe): the per-probe results in long form."""
+    """One row per (run, evaluation, probe): who and when, then every per-probe signal (analysis.probe_rows)."""
+    rows = [row for run in history.all_runs() for row in probe_rows(run)]
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["run_id", "run", "step", "probe_id"]
     out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for run in history.all_runs():
-        for e, step in enumerate(run.steps.tolist()):
-            for i, pid in enumerate(run.ids):
-
-                def num(x: float) -> str:
-                    return "" if not math.isfinite(x) else repr(float(x))
-
-                w.writerow(
-                    [
-                        run.run_id,
-                        run.name,
-                        step,
-                        run.labels[e] or "",
-                        pid,
-                        run.groups[i],
-                        run.metas[i].get("repetitions", ""),
-                        int(run.exact[e, i]),
-                        num(run.match_ratio[e, i]),
-                        int(run.prefix_match_len[e, i]),
-                        num(run.edit_similarity[e, i]),
-                        num(run.suffix_nll[e, i]),
-                        int(run.near_tie[e, i]),
-                        num(run.exposure[e, i]),
-                    ]
-                )
+    w = csv.DictWriter(out, columns, lineterminator="\n", restval="")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: "" if v is None else v for k, v in row.items()})
     return out.getvalue()
 
 
@@ -424,26 +427,11 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                 )
             )
         s.append("</div>")
-        s.append(
-            _table(
-                list(_GROUP_COLUMNS),
-                [
-                    [
-                        r["step"],
-                        r["group"],
-                        r["n"],
-                        r["extracted"],
-                        _f(r["extraction_rate"], ".1%"),
-                        _f(r["mean_match_ratio"]),
-                        _f(r["mean_edit_similarity"]),
-                        _f(r["mean_suffix_nll"]),
-                        _f(r["median_exposure"], ".1f"),
-                    ]
-                    for r in series
-                ],
-                "Groups over steps",
-            )
-        )
+        headers, rows = group_table(run)
+        s.append(_table(headers, rows, "Groups over steps"))
+        headers, rows = contrast_table(run)
+        if rows:
+            s.append(_table(headers, rows, "Contrasts: members against their control"))
         for tr in run.transitions(a, b):
             m = np.array(tr["matrix"])
             if m.sum():
@@ -543,7 +531,8 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
 
 
 def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
-    """Two runs side by side: per group at each run's last evaluation and at the steps both evaluated."""
+    """Two runs side by side: every statistic of each group at each run's last evaluation (A, B, B - A), and the
+    extraction rate at the steps both evaluated."""
 
     def last(run: RunData) -> dict[str, dict[str, Any]]:
         rows = [r for r in run.group_series() if r["step"] == int(run.steps[-1])] if len(run.steps) else []
@@ -551,19 +540,18 @@ def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
 
     la, lb = last(a), last(b)
     groups = [g for g in dict.fromkeys([*la, *lb])]
-    metrics = (
-        "extraction_rate",
-        "mean_match_ratio",
-        "mean_edit_similarity",
-        "mean_suffix_nll",
-        "median_exposure",
-    )
     final = []
     for g in groups:
         row: dict[str, Any] = {"group": g}
-        for m in metrics:
-            va, vb = la.get(g, {}).get(m), lb.get(g, {}).get(m)
-            row[m] = {"a": va, "b": vb, "b_minus_a": None if va is None or vb is None else vb - va}
+        ra, rb = la.get(g, {}), lb.get(g, {})
+        for stat in dict.fromkeys([*ra, *rb]):
+            va, vb = ra.get(stat), rb.get(stat)
+            if not all(v is None or isinstance(v, int | float) for v in (va, vb)) or stat in (
+                "step",
+                "group",
+            ):
+                continue  # numbers only (the buckets and the boundary are in the reports)
+            row[stat] = {"a": va, "b": vb, "b_minus_a": None if va is None or vb is None else vb - va}
         final.append(row)
     common = sorted(set(a.steps.tolist()) & set(b.steps.tolist()))
     sa = {(r["step"], r["group"]): r for r in a.group_series()}
@@ -580,10 +568,20 @@ def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
         if (st, g) in sa and (st, g) in sb
     ]
     return {
-        "a": {"run_id": a.run_id, "name": a.name, "last_step": int(a.steps[-1]) if len(a.steps) else None},
-        "b": {"run_id": b.run_id, "name": b.name, "last_step": int(b.steps[-1]) if len(b.steps) else None},
+        "a": _side(a),
+        "b": _side(b),
         "final": final,
         "common_steps": over,
+    }
+
+
+def _side(run: RunData) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "name": run.name,
+        "source": run.source,
+        "mode": run.mode,
+        "last_step": int(run.steps[-1]) if len(run.steps) else None,
     }
 
 
@@ -597,27 +595,23 @@ def render_compare(d: dict[str, Any], width: int = 120) -> str:
 
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=False, color_system=None)
-    t = Table(
-        title=f"A = {d['a']['name']} (step {d['a']['last_step']})   B = {d['b']['name']} (step {d['b']['last_step']})",
-        title_justify="left",
-        header_style="bold",
-    )
+
+    def side(s: dict[str, Any]) -> str:
+        mode = "" if s.get("mode", "full") == "full" else f", mode {s['mode']}"
+        return f"{s['name']} (step {s['last_step']}{mode})"
+
+    t = Table(title=f"A = {side(d['a'])}   B = {side(d['b'])}", title_justify="left", header_style="bold")
     for col in ("group", "metric", "A", "B", "B - A"):
         t.add_column(col, justify="left" if col in ("group", "metric") else "right")
+    headline = {a.stat: a for mode in ("full", "exact") for a in REGISTRY.headline(mode)}
     for row in d["final"]:
-        for m, label, spec in (
-            ("extraction_rate", "extraction rate", ".1%"),
-            ("mean_match_ratio", "match ratio", ".3f"),
-            ("mean_edit_similarity", "edit similarity", ".3f"),
-            ("mean_suffix_nll", "suffix NLL", ".3f"),
-            ("median_exposure", "exposure (bits)", ".1f"),
-        ):
-            v = row[m]
-            if v["a"] is None and v["b"] is None:
+        for stat, agg in headline.items():
+            v = row.get(stat)
+            if v is None or (v["a"] is None and v["b"] is None):
                 continue
-            delta = "-" if v["b_minus_a"] is None else format(v["b_minus_a"], "+" + spec)
-            t.add_row(row["group"], label, _f(v["a"], spec), _f(v["b"], spec), delta)
-    console.print(t)
+            delta = "-" if v["b_minus_a"] is None else format(v["b_minus_a"], "+" + agg.fmt)
+            t.add_row(row["group"], agg.title, _f(v["a"], agg.fmt), _f(v["b"], agg.fmt), delta)
+    _show(console, t)
     if d["common_steps"]:
         t = Table(
             title="extraction rate at the steps both evaluated", title_justify="left", header_style="bold"
@@ -631,5 +625,5 @@ def render_compare(d: dict[str, Any], width: int = 120) -> str:
                 _f(r["extraction_rate_a"], ".1%"),
                 _f(r["extraction_rate_b"], ".1%"),
             )
-        console.print(t)
+        _show(console, t)
     return out.getvalue()

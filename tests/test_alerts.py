@@ -9,13 +9,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from _records import record_of
 
 from memwatch import AlertConfig, MonitorConfig
 from memwatch.alerts import AlertEngine, WebhookSink
 from memwatch.config import ConfigError
-from memwatch.evaluation import ProbeTracker, build_record
 from memwatch.extraction import ExtractionResult
 from memwatch.history import HistoryStore
+from memwatch.record import ProbeTracker
 
 M = 4
 
@@ -23,14 +24,18 @@ M = 4
 class Sim:
     """A synthetic run: groups and metas fixed, each evaluation given as exact flags / match ratios / exposure."""
 
-    def __init__(self, groups, metas=None):
+    def __init__(self, groups, metas=None, suffixes=None):
         self.groups = np.array(groups, dtype=object)
         self.metas = metas or [{} for _ in groups]
         self.ids = [f"p{i}" for i in range(len(groups))]
         self.tracker = ProbeTracker(len(groups))
         self.step = 0
+        n = len(groups)
+        # The panel's windows [N, 4 + M]: by default every suffix has M distinct tokens (real text, not a run).
+        self.tokens = np.zeros((n, 4 + M), np.int64)
+        self.tokens[:, 4:] = np.arange(M) if suffixes is None else np.asarray(suffixes)
 
-    def record(self, exact, ratio=None, exposure=None):
+    def record(self, exact, ratio=None, exposure=None, near_tie=None):
         exact = np.asarray(exact, dtype=bool)
         n = len(exact)
         ratio = np.where(exact, 1.0, 0.0 if ratio is None else ratio).astype(np.float32)
@@ -47,20 +52,18 @@ class Sim:
             edit_similarity=ratio,
             entropy=np.ones((n, 2 + M), np.float32),
             suffix_nll=np.ones(n, np.float32),
-            near_tie=np.zeros(n, bool),
+            near_tie=np.zeros(n, bool) if near_tie is None else np.asarray(near_tie, dtype=bool),
         )
         self.step += 10
-        return build_record(
+        extra = None if exposure is None else {"exposure": np.asarray(exposure, dtype=float)}
+        return record_of(
+            res,
+            self.groups,
             step=self.step,
-            wall_time=0.0,
-            duration=0.0,
-            spec={},
-            probe_ids=self.ids,
-            groups=self.groups,
-            metas=self.metas,
-            result=res,
             tracker=self.tracker,
-            exposure=None if exposure is None else np.asarray(exposure, dtype=float),
+            metas=self.metas,
+            extra=extra,
+            tokens=self.tokens,
         )
 
 
@@ -137,8 +140,8 @@ def test_leak_rule_ignores_the_baseline_and_catches_heldout_and_twins():
 def test_a_predictable_suffix_is_not_a_leak():
     cfg = AlertConfig(extraction_rate={}, spike=False, canary_extracted=False, exposure_bits=None)
     # p0's suffix is a run of one token (indentation), p1's has 2 distinct tokens, p2's a real sentence
-    engine = AlertEngine(cfg, suffix_distinct=np.array([1, 2, 4]))
-    sim = Sim(["heldout"] * 3, [{}, {}, {}])
+    engine = AlertEngine(cfg)
+    sim = Sim(["heldout"] * 3, [{}, {}, {}], suffixes=[[7, 7, 7, 7], [7, 8, 7, 8], [1, 2, 3, 4]])
     assert run(engine, sim, [{"exact": [0, 0, 0]}]) == [[]]
     (alert,) = engine.evaluate(sim.record(exact=[1, 1, 1]))
     assert alert.probe_ids == ["p2"]
@@ -471,3 +474,114 @@ def test_posts_in_flight_at_shutdown_are_counted_and_reported(tmp_path, caplog):
     finally:
         release.set()
         server.close()
+
+
+# --- rules over any statistic, your own rules, near ties ----------------------------------------------------------
+
+_ONLY_NEW = {
+    "extraction_rate": {},
+    "spike": False,
+    "leak": False,
+    "canary_extracted": False,
+    "exposure_bits": None,
+}
+
+
+def test_a_threshold_on_any_statistic_by_key_or_pattern():
+    engine = AlertEngine(
+        AlertConfig(**_ONLY_NEW, thresholds={"train/mean_match_ratio": 0.5, "*/memorized_rate": 0.3})
+    )
+    sim = Sim(["train"] * 2 + ["heldout"] * 2)
+    fired = [
+        engine.evaluate(sim.record(exact=e, ratio=r))
+        for e, r in (
+            ([0, 0, 0, 0], [0.25, 0.25, 0, 0]),  # mean match ratio of train 0.25
+            ([0, 0, 0, 0], [0.75, 0.5, 0, 0]),  # 0.625: crosses 0.5
+            (
+                [1, 0, 1, 0],
+                [1.0, 0.0, 1.0, 0],
+            ),  # memorized rate 0.5 in both groups: the pattern fires for each
+        )
+    ]
+    assert [[(a.rule, a.group) for a in f] for f in fired] == [
+        [],
+        [("threshold", "train")],
+        [("threshold", "train"), ("threshold", "heldout")],
+    ]
+    assert (
+        fired[1][0].data["key"] == "train/mean_match_ratio"
+        and "crossed the threshold 0.5" in fired[1][0].message
+    )
+    with pytest.raises(ConfigError, match="thresholds must map statistic keys"):
+        AlertConfig(thresholds={"extraction_rate": 0.1})
+
+
+def test_a_pattern_s_wildcard_stays_within_one_segment():
+    """*/extraction_rate is every group's, not a canary tier's (canaries/64x/extraction_rate): the default spike
+    rule watches groups as it always did; canaries/*/extraction_rate names the tiers."""
+    sim = Sim(
+        ["canary", "canary", "train"],
+        [{"canary_id": "cn-a", "repetitions": 64}, {"canary_id": "cn-b", "repetitions": 1}, {}],
+    )
+    record = sim.record(exact=[1, 0, 0])
+    assert {"canary/extraction_rate", "canaries/64x/extraction_rate"} <= set(record.scalars)
+    groups = AlertEngine(AlertConfig(**_ONLY_NEW, thresholds={"*/extraction_rate": 0.4}))
+    assert [a.group for a in groups.evaluate(record)] == ["canary"]
+    tiers = AlertEngine(AlertConfig(**_ONLY_NEW, thresholds={"canaries/*/extraction_rate": 0.4}))
+    assert [a.group for a in tiers.evaluate(sim.record(exact=[1, 0, 0]))] == ["canaries/64x"]
+
+
+def test_your_own_rule_and_its_action():
+    class TwoExtracted:
+        name = "two_extracted"
+
+        def check(self, record, state, ctx):
+            n = int(np.asarray(record.values["exact"]).sum())
+            return (
+                [Alert(record.step, self.name, None, [], f"{n} extracted", ctx.action(self.name))]
+                if n >= 2
+                else []
+            )
+
+    from memwatch.alerts import Alert
+
+    cfg = AlertConfig(**_ONLY_NEW, rules=(TwoExtracted(),), actions={"two_extracted": ("stop_training",)})
+    engine, sim = AlertEngine(cfg), Sim(["train"] * 3)
+    assert engine.evaluate(sim.record(exact=[1, 0, 0])) == []
+    (alert,) = engine.evaluate(sim.record(exact=[1, 1, 0]))
+    assert alert.rule == "two_extracted" and alert.action == "stop_training"
+    with pytest.raises(ConfigError, match="unknown rule 'nope'"):
+        AlertConfig(actions={"nope": ("stop_training",)})
+
+
+def test_a_flip_on_a_near_tie_waits_for_confirmation():
+    metas = [{"canary_id": "c0", "repetitions": 4}, {"canary_id": "c1", "repetitions": 4}]
+    only_canary = {**_ONLY_NEW, "canary_extracted": True}
+    engine, sim = AlertEngine(AlertConfig(**only_canary)), Sim(["canary", "canary"], metas)
+    assert engine.evaluate(sim.record(exact=[0, 0])) == []
+    # Both canaries extracted, c0 on a near-tie row: c1 fires now, c0 waits.
+    (now,) = engine.evaluate(sim.record(exact=[1, 1], near_tie=[True, False]))
+    assert now.probe_ids == ["p1"]
+    # c0 still extracted at the next evaluation: confirmed, and said so.
+    (later,) = engine.evaluate(sim.record(exact=[1, 1]))
+    assert later.probe_ids == ["p0"] and "confirmed" in later.message
+    assert later.data["uncertain_confirmed"] == ["p0"]
+    # A near-tie flip that does not hold is never announced.
+    engine, sim = AlertEngine(AlertConfig(**only_canary)), Sim(["canary", "canary"], metas)
+    engine.evaluate(sim.record(exact=[0, 0]))
+    assert engine.evaluate(sim.record(exact=[1, 0], near_tie=[True, False])) == []
+    assert engine.evaluate(sim.record(exact=[0, 0])) == []
+    # Switched off: a near tie fires at once.
+    engine, sim = AlertEngine(AlertConfig(**only_canary, confirm_near_ties=False)), Sim(["canary"] * 2, metas)
+    engine.evaluate(sim.record(exact=[0, 0]))
+    assert [a.probe_ids for a in engine.evaluate(sim.record(exact=[1, 0], near_tie=[True, False]))] == [
+        ["p0"]
+    ]
+
+
+def test_events_on_near_tie_rows_are_marked_uncertain():
+    sim = Sim(["train"] * 3)
+    sim.record(exact=[0, 0, 1])
+    record = sim.record(exact=[1, 1, 0], near_tie=[True, False, True])
+    assert record.values["uncertain_event"].tolist() == [True, False, True]  # newly, newly (sure), forgotten
+    assert record.scalars["train/uncertain_events"] == 2

@@ -14,7 +14,7 @@ from scipy.stats import skewnorm
 import memwatch
 from memwatch.bytetok import ByteTokenizer
 from memwatch.canaries import CanaryError, CanaryManifest, inject, make_canaries, preflight
-from memwatch.metrics import exposure, exposure_extrapolated, exposure_rank
+from memwatch.signals.exposure import exposure, exposure_extrapolated, exposure_rank
 
 # --- exposure ---------------------------------------------------------------------------------------------------
 
@@ -82,12 +82,29 @@ def test_exposure_agrees_with_tensorflow_privacy(shape):
 
 def test_tiers_aggregate_exposure_by_the_median():
     """One extrapolated canary at 190 bits does not set its tier's curve."""
-    from memwatch.evaluation import tier_rows
+    from _records import record_of
 
-    groups = np.array(["canary"] * 3 + ["canary_heldout"] * 3, dtype=object)
+    from memwatch.result import ExtractionResult
+
+    groups = ["canary"] * 3 + ["canary_heldout"] * 3
     metas = [{"repetitions": 4}] * 6
     exposures = np.array([1.0, 2.0, 190.0, 0.1, 0.2, 0.3])
-    rows = tier_rows(0, groups, metas, np.zeros(6, bool), None, exposures, np.full(6, -1))
+    result = ExtractionResult(
+        prefix_len=2,
+        suffix_len=2,
+        entropy_window=1,
+        mode="exact",
+        generated=None,
+        exact=np.zeros(6, bool),
+        match_ratio=None,
+        match_count=None,
+        prefix_match_len=np.zeros(6, np.int64),
+        edit_similarity=None,
+        entropy=np.zeros((6, 3), np.float32),
+        suffix_nll=np.ones(6, np.float32),
+        near_tie=np.zeros(6, bool),
+    )
+    rows = record_of(result, groups, metas=metas, extra={"exposure": exposures}).tiers
     assert rows[0]["median_exposure"] == 2.0 and rows[0]["twins_median_exposure"] == pytest.approx(0.2)
 
 

@@ -123,4 +123,10 @@ def test_trainer_under_ddp(tmp_path):
     with HistoryStore(tmp_path / "memwatch" / "history.sqlite", readonly=True) as h:
         (run,) = h.runs()
         assert [e["step"] for e in h.evals(run["run_id"])] == [0, 4, 8, 12]
-    assert len(os.listdir(tmp_path / "memwatch" / "tb")) == 1  # one event file: rank 0 only
+    # Rank 0 only writes: one event file in the root run and in each group's sub-run, never one per rank.
+    runs: dict[str, int] = {}
+    for folder, _dirs, files in os.walk(tmp_path / "memwatch" / "tb"):
+        events = [f for f in files if f.startswith("events.out.tfevents")]
+        if events:
+            runs[os.path.relpath(folder, tmp_path / "memwatch" / "tb")] = len(events)
+    assert runs and set(runs.values()) == {1} and "." in runs and "train" in runs, runs

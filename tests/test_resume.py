@@ -70,11 +70,11 @@ def test_killed_and_resumed_run_has_the_uninterrupted_history(uninterrupted, tmp
     assert reference.steps.tolist() == [0, 10, 20, 30, 40, 50, 60]
     # TensorBoard: the interrupted run's events after the checkpoint were purged, none duplicated; the
     # transitions after the resume (newly memorized, forgotten) match, so per-probe state was rebuilt.
-    acc = read_events(str(tmp_path / "memwatch" / "tb"))
-    ref_acc = read_events(str(reference_out / "memwatch" / "tb"))
-    steps = [e.step for e in acc.Scalars("memwatch/train/extraction_rate")]
+    acc = read_events(str(tmp_path / "memwatch" / "tb" / "train"))
+    ref_acc = read_events(str(reference_out / "memwatch" / "tb" / "train"))
+    steps = [e.step for e in acc.Scalars("memwatch/extraction_rate")]
     assert steps == [0, 10, 20, 30, 40, 50, 60]
-    for tag in ("memwatch/train/newly_memorized", "memwatch/train/forgotten", "memwatch/train/rememorized"):
+    for tag in ("memwatch/newly_memorized", "memwatch/forgotten", "memwatch/rememorized"):
         assert [(e.step, e.value) for e in acc.Scalars(tag)] == [
             (e.step, e.value) for e in ref_acc.Scalars(tag)
         ], tag

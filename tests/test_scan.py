@@ -87,19 +87,16 @@ def test_scanned_history_equals_what_the_live_monitor_recorded(trained_with_chec
     # export-tb writes the live monitor's tags, with the same values at the same steps.
     tb = tmp_path / "tb"
     assert main(["export-tb", str(scanned), "--out", str(tb)]) == 0
-    exported = read_events(str(tb / "scan-of-run"))
     live_tb = read_events(str(out / "memwatch" / "tb"))
-    live_tags = {t for t in live_tb.Tags()["scalars"] if t != "memwatch/eval_seconds"}
-    assert live_tags <= set(exported.Tags()["scalars"])
-    for tag in (
-        "memwatch/train/extraction_rate",
-        "memwatch/heldout/mean_suffix_nll",
-        "memwatch/train/bucket/exact",
-    ):
-        want = {e.step: e.value for e in live_tb.Scalars(tag) if e.step in (25, 50, 75)}
-        got = {e.step: e.value for e in exported.Scalars(tag)}
-        assert got.keys() == want.keys() and all(abs(got[s] - want[s]) < 1e-4 for s in want)
-    assert [e.step for e in exported.Images("memwatch/train/entropy_profile")] == [25, 50, 75]
+    for run in ("train", "heldout"):  # every sub-run's tags, the same values at the same steps
+        exported = read_events(str(tb / "scan-of-run" / run))
+        live = read_events(str(out / "memwatch" / "tb" / run))
+        assert set(live.Tags()["scalars"]) <= set(exported.Tags()["scalars"])
+        for tag in ("memwatch/extraction_rate", "memwatch/mean_suffix_nll", "memwatch/bucket/exact"):
+            want = {e.step: e.value for e in live.Scalars(tag) if e.step in (25, 50, 75)}
+            got = {e.step: e.value for e in exported.Scalars(tag)}
+            assert got.keys() == want.keys() and all(abs(got[s] - want[s]) < 1e-4 for s in want)
+        assert [e.step for e in exported.Images("memwatch/entropy_profile")] == [25, 50, 75]
     # The live history exported again: its evaluation timings come along.
     assert main(["export-tb", str(live_history), "--out", str(tmp_path / "tb-live")]) == 0
     (run_dir,) = os.listdir(tmp_path / "tb-live")

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from memwatch import MemWatchCallback, MonitorConfig
 from memwatch.history import HistoryStore
-from memwatch.metrics import BUCKET_NAMES
+from memwatch.signals.buckets import BUCKET_NAMES
 
 K, M = 16, 16
 
@@ -111,11 +111,15 @@ def test_history_holds_every_evaluation_and_memorization_appears(memorizing_run)
 
 
 def test_tensorboard_event_files_hold_the_documented_tags(memorizing_run):
+    """One sub-run per group (so the same tag overlays in distinct colours), run-level tags at the top."""
     out, cb, _ = memorizing_run
-    acc = read_events(os.path.join(out, "memwatch", "tb"))
+    tb = os.path.join(out, "memwatch", "tb")
+    acc = read_events(tb)
     tags = acc.Tags()
     steps = cb.monitor.evaluated_steps
     for group in ("train", "heldout"):
+        run = read_events(os.path.join(tb, group))
+        run_tags = run.Tags()
         for name in (
             "extraction_rate",
             "memorized_rate",
@@ -126,21 +130,24 @@ def test_tensorboard_event_files_hold_the_documented_tags(memorizing_run):
             "forgotten",
             "rememorized",
         ):
-            tag = f"memwatch/{group}/{name}"
-            assert tag in tags["scalars"], tag
-            assert [e.step for e in acc.Scalars(tag)] == steps, tag
+            tag = f"memwatch/{name}"
+            assert tag in run_tags["scalars"], (group, tag)
+            assert [e.step for e in run.Scalars(tag)] == steps, (group, tag)
         for bucket in BUCKET_NAMES:
-            assert [e.step for e in acc.Scalars(f"memwatch/{group}/bucket/{bucket}")] == steps
-        assert f"memwatch/{group}/match_ratio" in tags["histograms"]
-        images = acc.Images(f"memwatch/{group}/entropy_profile")
+            assert [e.step for e in run.Scalars(f"memwatch/bucket/{bucket}")] == steps
+        assert "memwatch/match_ratio" in run_tags["histograms"]
+        images = run.Images("memwatch/entropy_profile")
         assert [e.step for e in images] == steps and images[0].width > 100
     assert "memwatch/eval_seconds" in tags["scalars"]
-    rates = [e.value for e in acc.Scalars("memwatch/train/extraction_rate")]
+    train, heldout = read_events(os.path.join(tb, "train")), read_events(os.path.join(tb, "heldout"))
+    rates = [e.value for e in train.Scalars("memwatch/extraction_rate")]
     assert rates[0] == 0.0 and rates[-1] >= 0.5
-    jumps = [t for t in tags["scalars"] if t.startswith("memwatch/heldout/boundary_jump/")]
-    assert jumps and all(t.replace("boundary_jump", "entropy_pre") in tags["scalars"] for t in jumps)
+    jumps = [t for t in heldout.Tags()["scalars"] if t.startswith("memwatch/boundary_jump/")]
+    assert jumps and all(
+        t.replace("boundary_jump", "entropy_pre") in heldout.Tags()["scalars"] for t in jumps
+    )
     assert any("custom_scalars" in t for t in tags["tensors"])  # the layout is written
-    newly = sum(e.value for e in acc.Scalars("memwatch/train/newly_memorized"))
+    newly = sum(e.value for e in train.Scalars("memwatch/newly_memorized"))
     assert newly >= 8
 
 

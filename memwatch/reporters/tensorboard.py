@@ -1,191 +1,193 @@
-"""TensorBoard reporter: memwatch's own event files (scalars, histograms, entropy-profile images, text)."""
+"""TensorBoard: memwatch's own event files, one sub-run per group, canary tier and pair, so that one tag overlays
+across them in distinct colours (what TensorBoard does with runs); everything written is what the registry holds."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-from ..evaluation import EvalRecord
-from ..metrics import BUCKET_NAMES
+import numpy as np
+
+from ..record import EvalRecord
+from ..signals import REGISTRY
+from ..signals.registry import Scope
 from .plot import render_profiles
 
-__all__ = ["TensorBoardReporter", "tag_table"]
+__all__ = ["TensorBoardReporter", "documented_tags", "export_history", "tag_table"]
 
 PREFIX = "memwatch"
+# Tags of a tier's run and a pair's run carry their kind, so that no chart mixes a group's extraction rate with a
+# tier's: memwatch/extraction_rate (groups), memwatch/canaries/extraction_rate (tiers), memwatch/pairs/... (pairs).
+_TAG_HEAD = {"group": PREFIX, "tier": f"{PREFIX}/canaries", "pair": f"{PREFIX}/pairs"}
+_RUN_PATTERN = {"group": "<group>", "tier": "canaries_<r>x", "pair": "<member>~<control>"}
 
 
 def _safe(name: str) -> str:
-    """Group and bucket names as TensorBoard tag components."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+    """A group, bucket or scope name as a TensorBoard tag component or run directory name."""
+    return re.sub(r"[^A-Za-z0-9_.~\-]", "_", name)
 
 
-# (tag under memwatch/<group>/, kind, meaning) — the README's tag table is generated from this list.
-GROUP_TAGS: tuple[tuple[str, str, str], ...] = (
-    ("extraction_rate", "scalar", "share of the group's probes extracted exactly"),
-    ("memorized_rate", "scalar", "share counted as memorized (exact, or match ratio >= memorized_threshold)"),
-    ("mean_match_ratio", "scalar", "mean fraction of suffix tokens reproduced"),
-    ("mean_edit_similarity", "scalar", "mean 1 - token Levenshtein / m"),
-    ("mean_suffix_nll", "scalar", "mean NLL of the true suffix (nats/token)"),
-    ("newly_memorized", "scalar", "probes memorized now and not at the previous evaluation"),
-    ("forgotten", "scalar", "probes memorized at the previous evaluation and not now"),
-    ("rememorized", "scalar", "newly memorized probes that had been memorized before"),
-    ("bucket/<bucket>", "scalar", "probes per match-ratio bucket (0-20, 20-40, 40-60, 60-80, 80-99, exact)"),
-    (
-        "boundary_jump/<bucket>",
-        "scalar",
-        "mean entropy of the first j generated minus the last j prefix positions",
-    ),
-    ("entropy_pre/<bucket>", "scalar", "mean entropy over the last j prefix positions (teacher-forced)"),
-    (
-        "entropy_post/<bucket>",
-        "scalar",
-        "mean entropy over the first j generated positions (greedy path; teacher-forced in mode exact)",
-    ),
-    (
-        "median_exposure",
-        "scalar",
-        "median canary exposure in bits (canary groups, when exposure is computed)",
-    ),
-    ("match_ratio", "histogram", "match ratios of the group's probes"),
-    ("entropy_profile", "image", "mean entropy profile per bucket across the boundary"),
-)
-TIER_TAGS: tuple[tuple[str, str, str], ...] = (
-    ("extraction_rate", "scalar", "share of the tier's inserted canaries extracted exactly"),
-    ("twins_extraction_rate", "scalar", "the same for its never-inserted twins: the false-positive rate"),
-    ("median_exposure", "scalar", "median exposure (bits) of the tier's inserted canaries"),
-    ("twins_median_exposure", "scalar", "median exposure of its twins (the control)"),
-    ("mean_match_ratio", "scalar", "mean match ratio of the tier's inserted canaries"),
-)
-RUN_TAGS: tuple[tuple[str, str, str], ...] = (
-    ("eval_seconds", "scalar", "wall time of the evaluation"),
-    ("probes", "scalar", "panel size"),
-    ("alerts", "text", "every alert of the step, one entry per step (rule and message)"),
-)
+def run_name(scope: Scope) -> str:
+    """The sub-run (directory under the TensorBoard log dir) a scope's numbers go to."""
+    return _safe(scope.key.replace("/", "_"))
+
+
+def _tag(scope_kind: str, stat: str) -> str:
+    return f"{_TAG_HEAD[scope_kind]}/{'/'.join(_safe(p) for p in stat.split('/'))}"
+
+
+def _doc_tag(scope_kind: str, pattern: str) -> str:
+    return f"{_TAG_HEAD[scope_kind]}/{pattern}"
+
+
+def documented_tags() -> Iterator[tuple[str, str, str, str]]:
+    """Every (run, tag, kind, meaning) memwatch writes, from the registry; README.md's table is made from it."""
+    root = "(the log dir)"
+    yield root, f"{PREFIX}/eval_seconds", "scalar", "wall time of the evaluation"
+    yield root, f"{PREFIX}/probes", "scalar", "panel size"
+    yield (
+        root,
+        f"{PREFIX}/alerts",
+        "text",
+        "every alert of the step, in one entry per step (rule and message)",
+    )
+    for kind in ("group", "tier", "pair"):
+        run = _RUN_PATTERN[kind]
+        for stat in REGISTRY.group_stats.values():
+            if kind in stat.scopes:
+                for name, out_kind, meaning in stat.outputs:
+                    applies = {"twins_n": "tier", "control_n": "pair"}.get(name, kind)
+                    if out_kind in ("scalar", "image") and applies == kind:
+                        yield run, _doc_tag(kind, name), out_kind, meaning
+        for signal in REGISTRY:
+            for agg in signal.aggregates:
+                if kind in agg.scopes:
+                    yield (
+                        run,
+                        _doc_tag(kind, agg.stat),
+                        "scalar",
+                        agg.meaning or f"{agg.how} of {signal.name}",
+                    )
+                if kind == "tier" and "twins" in agg.scopes:
+                    yield run, _doc_tag(kind, f"twins_{agg.stat}"), "scalar", "the same for the tier's twins"
+            if kind == "group" and signal.histogram:
+                yield run, _doc_tag(kind, signal.name), "histogram", f"{signal.name} of the group's probes"
+            if signal.membership and kind in ("tier", "pair"):
+                for contrast in REGISTRY.contrasts.values():
+                    if kind in contrast.scopes:
+                        yield (
+                            run,
+                            _doc_tag(kind, f"{signal.name}_{contrast.name}"),
+                            "scalar",
+                            contrast.meaning,
+                        )
 
 
 def tag_table() -> str:
     """The Markdown table of every tag memwatch writes (README.md embeds it)."""
-    lines = ["| tag | kind | meaning |", "|---|---|---|"]
-    for tag, kind, meaning in RUN_TAGS:
-        lines.append(f"| `{PREFIX}/{tag}` | {kind} | {meaning} |")
-    for tag, kind, meaning in GROUP_TAGS:
-        lines.append(f"| `{PREFIX}/<group>/{tag}` | {kind} | {meaning} |")
-    for tag, kind, meaning in TIER_TAGS:
-        lines.append(f"| `{PREFIX}/canaries/<r>x/{tag}` | {kind} | {meaning} (r: repetitions) |")
+    lines = ["| run | tag | kind | meaning |", "|---|---|---|---|"]
+    seen = set()
+    for run, tag, kind, meaning in documented_tags():
+        if (run, tag) not in seen:
+            seen.add((run, tag))
+            lines.append(f"| `{run}` | `{tag}` | {kind} | {meaning} |")
     return "\n".join(lines)
 
 
-def _layout(groups: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """Custom-scalars layout: one multi-line chart per metric across groups, and per-group detail charts."""
-    across = {
-        "extraction rate": "extraction_rate",
-        "memorized rate": "memorized_rate",
-        "mean match ratio": "mean_match_ratio",
-        "mean edit similarity": "mean_edit_similarity",
-        "mean suffix NLL": "mean_suffix_nll",
-        "newly memorized": "newly_memorized",
-        "forgotten": "forgotten",
-        "median exposure": "median_exposure",
+def _layout() -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars layout: one multi-line chart per headline statistic, each line a group (or a tier)."""
+    groups = {
+        a.title: ["Multiline", [rf"^{re.escape(_tag('group', a.stat))}$"]]
+        for mode in ("full", "exact")
+        for a in REGISTRY.headline(mode)
     }
-    layout: dict[str, dict[str, list[Any]]] = {
-        "memwatch: all groups": {
-            title: ["Multiline", [rf"{PREFIX}/[^/]+/{tag}$"]] for title, tag in across.items()
-        }
+    tiers = {
+        title: ["Multiline", [rf"^{re.escape(_tag('tier', stat))}$"]]
+        for title, stat in (
+            ("extraction rate by tier", "extraction_rate"),
+            ("twins' extraction rate by tier", "twins_extraction_rate"),
+            ("exposure by tier (bits)", "median_exposure"),
+            ("twins' exposure by tier (bits)", "twins_median_exposure"),
+        )
     }
-    layout["memwatch: canaries (dose-response)"] = {
-        "extraction rate by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/extraction_rate$"]],
-        "twins' extraction rate by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_extraction_rate$"]],
-        "exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/median_exposure$"]],
-        "twins' exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_median_exposure$"]],
+    buckets = {
+        "probes per bucket": ["Multiline", [rf"^{PREFIX}/(prefix_)?bucket/.*"]],
+        "boundary jump by bucket": ["Multiline", [rf"^{PREFIX}/(tf_)?boundary_jump/.*"]],
     }
-    for g in groups:
-        sg = re.escape(_safe(g))
-        layout[f"memwatch: {g}"] = {
-            "buckets": ["Multiline", [rf"{PREFIX}/{sg}/bucket/.*"]],
-            "boundary jump by bucket": ["Multiline", [rf"{PREFIX}/{sg}/boundary_jump/.*"]],
-            "entropy before / after the boundary": [
-                "Multiline",
-                [rf"{PREFIX}/{sg}/entropy_pre/.*", rf"{PREFIX}/{sg}/entropy_post/.*"],
-            ],
-        }
-    return layout
+    return {
+        "memwatch: groups": groups,
+        "memwatch: canaries (dose-response)": tiers,
+        "memwatch: buckets": buckets,
+    }
 
 
 class TensorBoardReporter:
-    """Writes EvalRecords to <log_dir> with its own SummaryWriter, flushed after every evaluation."""
+    """Writes EvalRecords under <log_dir>: run-level tags at the top, each scope in its own sub-run; private files
+    (0600, directories 0700), flushed after every evaluation."""
 
-    def __init__(
-        self, log_dir: str | os.PathLike[str], groups: Iterable[str], *, purge_step: int | None = None
-    ) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, log_dir: str | os.PathLike[str], *, purge_step: int | None = None) -> None:
         from ..files import private_makedirs
 
         self.log_dir = private_makedirs(log_dir)
-        before = set(os.listdir(self.log_dir))
-        self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
-        for name in set(os.listdir(self.log_dir)) - before:  # the event file, created with the umask's mode
-            os.chmod(os.path.join(self.log_dir, name), 0o600)
-        self.groups = list(groups)
+        self.purge_step = purge_step
+        self.writers: dict[str, Any] = {}
         self._alerts: dict[int, list[str]] = {}
-        self.writer.add_custom_scalars(_layout(self.groups))
+        self._writer("").add_custom_scalars(_layout())
+
+    def _writer(self, run: str) -> Any:
+        """The SummaryWriter of a sub-run ("" the log dir itself), created owner-only on first use."""
+        if run not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            from ..files import private_makedirs
+
+            path = private_makedirs(os.path.join(self.log_dir, run)) if run else self.log_dir
+            before = set(os.listdir(path))
+            self.writers[run] = SummaryWriter(log_dir=path, purge_step=self.purge_step)
+            for name in set(os.listdir(path)) - before:  # the event file, created with the umask's mode
+                if os.path.isfile(os.path.join(path, name)):
+                    os.chmod(os.path.join(path, name), 0o600)
+        return self.writers[run]
 
     def write(self, record: EvalRecord) -> None:
-        w, step = self.writer, record.step
-        w.add_scalar(f"{PREFIX}/eval_seconds", record.duration, step)
-        w.add_scalar(f"{PREFIX}/probes", len(record.probe_ids), step)
-        ratio = record.result.match_ratio
-        for g, st in record.stats.items():
-            base = f"{PREFIX}/{_safe(g)}"
-            scalars = {
-                "extraction_rate": st.extraction_rate,
-                "memorized_rate": st.memorized_rate,
-                "mean_match_ratio": st.mean_match_ratio,
-                "mean_edit_similarity": st.mean_edit_similarity,
-                "mean_suffix_nll": st.mean_suffix_nll,
-                "newly_memorized": st.newly_memorized,
-                "forgotten": st.forgotten,
-                "rememorized": st.rememorized,
-                "median_exposure": st.median_exposure,
-            }
-            for name, value in scalars.items():
-                if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                    w.add_scalar(f"{base}/{name}", value, step)
-            for name, count in zip(BUCKET_NAMES, st.buckets, strict=True):
-                w.add_scalar(f"{base}/bucket/{_safe(name)}", count, step)
-            for name, (pre, post, jump) in st.boundary.items():
-                if math.isfinite(jump):
-                    w.add_scalar(f"{base}/boundary_jump/{_safe(name)}", jump, step)
-                    w.add_scalar(f"{base}/entropy_pre/{_safe(name)}", pre, step)
-                    w.add_scalar(f"{base}/entropy_post/{_safe(name)}", post, step)
-            if ratio is not None and st.n:
-                w.add_histogram(
-                    f"{base}/match_ratio", ratio[record.groups == g], step, bins=[i / 10 for i in range(11)]
-                )
-            if st.profiles:
-                counts = {
-                    name: st.buckets[BUCKET_NAMES.index(name)] for name in st.profiles if name in BUCKET_NAMES
-                }
-                img = render_profiles(
-                    st.profiles, record.result.entropy_window, title=f"{g}  step {step}", counts=counts
-                )
-                w.add_image(f"{base}/entropy_profile", img, step, dataformats="HWC")
-        for row in record.tiers:
-            base = f"{PREFIX}/canaries/{row['repetitions']}x"
-            values = {
-                "extraction_rate": row["inserted_extracted"] / row["inserted"] if row["inserted"] else None,
-                "twins_extraction_rate": row["twins_extracted"] / row["twins"] if row["twins"] else None,
-                "median_exposure": row["median_exposure"],
-                "twins_median_exposure": row["twins_median_exposure"],
-                "mean_match_ratio": row["mean_match_ratio"],
-            }
-            for name, value in values.items():
-                if value is not None and math.isfinite(value):
-                    w.add_scalar(f"{base}/{name}", value, step)
-        self.writer.flush()
+        step = record.step
+        root = self._writer("")
+        root.add_scalar(f"{PREFIX}/eval_seconds", record.duration, step)
+        root.add_scalar(f"{PREFIX}/probes", len(record.probe_ids), step)
+        histograms = [s.name for s in REGISTRY if s.histogram and s.name in record.values]
+        for scope in record.scopes:
+            w = self._writer(run_name(scope))
+            for stat, value in record.scope(scope.key).items():
+                if np.isfinite(value):
+                    w.add_scalar(_tag(scope.kind, stat), value, step)
+            if scope.kind != "group" or not len(scope.rows):
+                continue
+            for name in histograms:
+                values = np.asarray(record.values[name], dtype=np.float64)[scope.rows]
+                values = values[np.isfinite(values)]
+                if values.size:
+                    w.add_histogram(_tag("group", name), values, step, bins=[i / 10 for i in range(11)])
+            self._profile_image(w, record, scope)
+        for w in self.writers.values():
+            w.flush()
+
+    def _profile_image(self, writer: Any, record: EvalRecord, scope: Scope) -> None:
+        prefix = "" if record.mode == "full" else "tf_"
+        view = record.stats[scope.key]
+        profiles = view.profiles
+        if profiles:
+            counts = dict(
+                zip(("0-20", "20-40", "40-60", "60-80", "80-99", "exact"), view.buckets, strict=True)
+            )
+            img = render_profiles(
+                profiles,
+                record.spec["entropy_window"],
+                title=f"{scope.key}  step {record.step}",
+                counts=counts,
+            )
+            writer.add_image(_tag("group", f"{prefix}entropy_profile"), img, record.step, dataformats="HWC")
 
     def add_alert(self, alert: Any) -> None:
         """Buffer an alert until flush_alerts(): TensorBoard keeps one text entry per tag and step, so every alert
@@ -193,13 +195,15 @@ class TensorBoardReporter:
         self._alerts.setdefault(alert.step, []).append(f"- **{alert.rule}** — {alert.message}")
 
     def flush_alerts(self) -> None:
+        root = self._writer("")
         for step, lines in sorted(self._alerts.items()):
-            self.writer.add_text(f"{PREFIX}/alerts", "\n".join(lines), step)
+            root.add_text(f"{PREFIX}/alerts", "\n".join(lines), step)
         self._alerts.clear()
-        self.writer.flush()
+        root.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        for w in self.writers.values():
+            w.close()
 
 
 def export_history(history: Any, log_dir: str | os.PathLike[str]) -> list[str]:
@@ -208,15 +212,14 @@ def export_history(history: Any, log_dir: str | os.PathLike[str]) -> list[str]:
     Each run goes to <log_dir>/<run name>; evaluations are replayed through the same record building, so the
     transitions, boundary statistics and dose-response tags are those the live monitor would have written.
     """
+    from types import SimpleNamespace
+
     written = []
     for run in history.all_runs():
-        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", run.name) or f"run{run.run_id}"
-        path = os.path.join(os.fspath(log_dir), name)
-        reporter = TensorBoardReporter(path, run.group_names())
-        for _e, record in run.records():
+        path = os.path.join(os.fspath(log_dir), _safe(run.name) or f"run{run.run_id}")
+        reporter = TensorBoardReporter(path)
+        for record in run.replayed():
             reporter.write(record)
-        from types import SimpleNamespace
-
         for alert in history.store.alerts(run.run_id):
             reporter.add_alert(SimpleNamespace(**alert))
         reporter.flush_alerts()

@@ -1,0 +1,34 @@
+"""Signals: every number memwatch reports, registered once (numpy only; see registry.py)."""
+
+# isort: off
+# Registration order is the order outputs list things in: the extraction numbers first.
+from . import extraction, buckets, events, entropy, exposure  # noqa: F401 - registers the built-in signals
+
+# isort: on
+from .registry import (
+    REGISTRY,
+    Aggregate,
+    Context,
+    Contrast,
+    GroupStat,
+    Registry,
+    Scope,
+    Signal,
+    register_contrast,
+    register_group_stat,
+    register_signal,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Aggregate",
+    "Context",
+    "Contrast",
+    "GroupStat",
+    "Registry",
+    "Scope",
+    "Signal",
+    "register_contrast",
+    "register_group_stat",
+    "register_signal",
+]
