@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ _CPU_BUDGET_BYTES = 1 << 30
 _CPU_ACTIVATION_BYTES = 32 << 20
 # On CUDA, the share of free memory (driver-free plus the allocator's cached-but-unused) an extraction may use.
 _CUDA_BUDGET_SHARE = 0.5
-# fp32 working set for the log-softmax statistics; logits are processed in row chunks of at most this size.
+# fp32 working set for the statistics (shifted logits and their exponentials); logits are processed in row
+# chunks of at most this size.
 _STATS_BYTES = 256 << 20
 
 
@@ -141,6 +142,16 @@ def _auto_batch_size(
     return max(1, min(n, rows))
 
 
+class _Stats(NamedTuple):
+    """fp32 statistics of a next-token distribution, one value per position."""
+
+    entropy: torch.Tensor  # nats
+    argmax: torch.Tensor  # first maximal index, as `generate`'s torch.argmax
+    margin: torch.Tensor  # top-1 minus top-2 logit (inf for a one-token vocabulary)
+    top: torch.Tensor  # top-1 logit
+    nll: torch.Tensor | None  # -log p(target), when targets were given
+
+
 def _forward(info: ModelInfo, n_keep: int | None, **kwargs: object) -> tuple[torch.Tensor, object]:
     """Call the model; return logits for the last `n_keep` positions (all if None) and the cache."""
     if n_keep is not None and info.logits_kwarg is not None:
@@ -152,38 +163,36 @@ def _forward(info: ModelInfo, n_keep: int | None, **kwargs: object) -> tuple[tor
     return logits, getattr(out, "past_key_values", None)
 
 
-def _stats(
-    logits: torch.Tensor, *, host_checks: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 statistics of logits [..., V] from one softmax: (entropy, argmax, top-1/top-2 margin, logsumexp).
+def _stats(logits: torch.Tensor, targets: torch.Tensor | None = None, *, consume: bool = False) -> _Stats:
+    """fp32 statistics of logits [..., V] (and the NLL of `targets` [...]), with no host sync.
 
-    lse = max - log p_max is exact to rounding (p_max >= 1/V is never tiny), entropy = lse - sum(p * logits),
-    and a token's NLL is lse - its logit, so the log-softmax is never materialized (exp dominates the cost).
-    host_checks: allowed to sync with the host (once per call) to repair rows with masked (-inf) logits;
-    without it the repair is computed unconditionally (cheap for the small decode-step tensors).
+    consume: the caller no longer needs `logits`, so fp32 logits may be overwritten (one [..., V] allocation
+    fewer, which is much of the cost on CPU); other dtypes are copied to fp32 anyway.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):  # fp32 even inside an autocast region
-        return _stats_fp32(logits.float(), host_checks)
+        lf = logits.float()
+        return _stats_fp32(lf, targets, in_place=consume or lf is not logits)
 
 
-def _stats_fp32(
-    lf: torch.Tensor, host_checks: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = torch.softmax(lf, dim=-1)
+def _stats_fp32(lf: torch.Tensor, targets: torch.Tensor | None, in_place: bool) -> _Stats:
+    """Everything from max-shifted logits z = logits - max <= 0: log-sum-exp minus max is log sum(e^z) in
+    [0, log V], entropy = log sum(e^z) - sum(e^z z) / sum(e^z) and NLL = log sum(e^z) - z_target. Unshifted,
+    lse - sum(p * logits) subtracts two numbers of the logits' size and loses 1e-3 nats at |logits| ~ 50 in fp32."""
     top, argmax = lf.max(dim=-1)  # first maximal index, as `generate`'s torch.argmax
-    lse = top - torch.log(p.gather(-1, argmax.unsqueeze(-1)).squeeze(-1))
-    entropy = lse - (p.unsqueeze(-2) @ lf.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    # A masked vocabulary entry (-inf logit) has p = 0, and 0 * -inf is nan: those rows take the careful path.
-    bad = torch.isnan(entropy)
-    if not host_checks or bool(bad.any()):
-        careful = lse - (p * lf.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
-        entropy = torch.where(bad, careful, entropy)
-    if lf.shape[-1] >= 2:
-        top2 = lf.topk(2, dim=-1).values
-        margin = top2[..., 0] - top2[..., 1]
-    else:
-        margin = torch.full_like(top, math.inf)
-    return entropy, argmax, margin, lse
+    z = lf.sub_(top.unsqueeze(-1)) if in_place else lf - top.unsqueeze(-1)  # [..., V]
+    z_target = None if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # z's top entry is exactly 0, so minus its second is the top-1/top-2 margin, rounded as top - second would be.
+    margin = -z.topk(2, dim=-1).values[..., 1] if z.shape[-1] >= 2 else torch.full_like(top, math.inf)
+    e = z.exp()  # [..., V], in [0, 1]
+    sum_e = e.sum(dim=-1)
+    log_sum = sum_e.log()
+    # A masked entry (-inf logit) has e = 0; a finite stand-in for its z makes its e * z term 0 rather than nan.
+    # sum(e * z) in place and by torch's cascaded sum: a batched dot product accumulates 1e-4 nats of fp32 error
+    # over a 32k vocabulary.
+    ez = z.clamp_(min=torch.finfo(z.dtype).min).mul_(e).sum(dim=-1)
+    entropy = log_sum - ez / sum_e
+    nll = None if z_target is None else log_sum - z_target
+    return _Stats(entropy, argmax, margin, top, nll)
 
 
 class _Batch:
@@ -205,17 +214,16 @@ def _teacher_forced(
     logits, cache = _forward(info, w + m, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, w+m, V]
     out = _Batch(x, m, w)
     b, p, v = logits.shape
-    chunk = max(1, _STATS_BYTES // max(1, 2 * 4 * p * v))  # fp32 logits and softmax
-    suffix = x[:, k:]  # [B, m]
+    chunk = max(1, _STATS_BYTES // max(1, 2 * 4 * p * v))  # fp32 shifted logits and their exponentials
+    targets = x[:, k - w :]  # [B, w+m]: the token each scored position predicts
     for s in range(0, b, chunk):
         sl = slice(s, s + chunk)
-        ent, amax, margin, lse = _stats(logits[sl], host_checks=True)
-        out.entropy[sl] = ent
-        out.tf_argmax[sl] = amax[:, w:]
-        out.tf_margin[sl] = margin[:, w:]
-        target_logit = logits[sl, w:].gather(-1, suffix[sl].unsqueeze(-1)).squeeze(-1).float()
-        out.nll[sl] = lse[:, w:] - target_logit
-        del ent, amax, margin, lse
+        st = _stats(logits[sl], targets[sl], consume=True)
+        out.entropy[sl] = st.entropy
+        out.tf_argmax[sl] = st.argmax[:, w:]
+        out.tf_margin[sl] = st.margin[:, w:]
+        out.nll[sl] = st.nll[:, w:]  # type: ignore[index]
+        del st
     del logits
     return out, cache
 
@@ -303,12 +311,12 @@ def _decode(
             position_ids=pos.unsqueeze(1),
             use_cache=True,
         )
-        ent, amax, margin, _ = _stats(logits[:, -1], host_checks=False)
+        st = _stats(logits[:, -1], consume=True)
         col = d + t + 1  # suffix index this step predicts, [R]
-        gen[rows, col] = amax
-        out.entropy[rows, w + col] = ent
-        near_tie[rows] |= margin < tie_margin
-        token, pos = amax, pos + 1
+        gen[rows, col] = st.argmax
+        out.entropy[rows, w + col] = st.entropy
+        near_tie[rows] |= st.margin < tie_margin
+        token, pos = st.argmax, pos + 1
         # Rows whose last suffix token was just produced leave; they are at the front by construction.
         done = 0
         while dropped + done < len(steps_host) and steps_host[dropped + done] == t + 1:
@@ -528,9 +536,7 @@ def suffix_nll_after_prefix(
                     past_key_values=_repeat_cache(cache, len(chunk)),
                     use_cache=True,
                 )
-                _ent, _amax, _margin, lse = _stats(logits, host_checks=True)
-                target = logits.gather(-1, chunk[:, 1:].unsqueeze(-1)).squeeze(-1).float()
-                nll = nll + (lse - target).sum(dim=1)
+                nll = nll + _stats(logits, chunk[:, 1:], consume=True).nll.sum(dim=1)  # type: ignore[union-attr]
             out.append((nll / m).cpu())
         for _ in range(extra_chunks):
             _dummy_forward(info)

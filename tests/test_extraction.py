@@ -7,78 +7,21 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _models import ARCHS, VOCAB, memorizing_panel, tiny_model, trained_model
+from _models import (
+    ARCHS,
+    VOCAB,
+    assert_matches,
+    memorizing_panel,
+    reference,
+    tiny_model,
+    trained_model,
+    wide_llama,
+)
 
 import memwatch
-from memwatch.extraction import DEFAULT_TIE_MARGIN, ExtractionResult
+from memwatch.extraction import DEFAULT_TIE_MARGIN, ExtractionResult, suffix_nll_after_prefix
 
 K, M, W = 16, 16, 8
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def _levenshtein(a: list[int], b: list[int]) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
-
-def reference(model, seqs: torch.Tensor, k: int, m: int, w: int, tie_margin: float) -> dict[str, np.ndarray]:
-    """Row by row: HF generate (greedy, no EOS stop) for the continuation and its entropies, a forward for the rest."""
-    out: dict[str, list] = {n: [] for n in ("generated", "entropy", "suffix_nll", "near_tie")}
-    model.eval()
-    with torch.no_grad():
-        for row in seqs:
-            x = row[None, : k + m]
-            gen = model.generate(
-                x[:, :k],
-                attention_mask=torch.ones_like(x[:, :k]),
-                max_new_tokens=m,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-            assert gen.sequences.shape[1] == k + m, "generation stopped early"
-            step_logits = torch.stack([lg[0] for lg in gen.logits])  # [m, V]
-            full = model(x).logits[0]  # [k+m, V]
-            logp = torch.log_softmax(full.double(), dim=-1)
-            nll = -logp[k - 1 : k + m - 1].gather(-1, x[0, k:, None]).squeeze(-1)
-            top2 = step_logits.float().topk(2, dim=-1).values
-            out["generated"].append(gen.sequences[0, k:].numpy())
-            out["entropy"].append(
-                torch.cat([_entropy(full[k - w - 1 : k - 1]), _entropy(step_logits)]).numpy()
-            )
-            out["suffix_nll"].append(nll.mean().item())
-            out["near_tie"].append(bool((top2[:, 0] - top2[:, 1] < tie_margin).any()))
-    ref = {n: np.array(v) for n, v in out.items()}
-    suffix = seqs[:, k : k + m].numpy()
-    ref["exact"] = (ref["generated"] == suffix).all(1)
-    ref["match_ratio"] = (ref["generated"] == suffix).mean(1)
-    eq = ref["generated"] == suffix
-    ref["prefix_match_len"] = np.array([m if r.all() else int(np.argmin(r)) for r in eq])
-    ref["edit_similarity"] = np.array(
-        [1 - _levenshtein(list(g), list(s)) / m for g, s in zip(ref["generated"], suffix, strict=True)]
-    )
-    return ref
-
-
-def assert_matches(res: ExtractionResult, ref: dict[str, np.ndarray]) -> None:
-    np.testing.assert_array_equal(res.generated, ref["generated"])
-    np.testing.assert_array_equal(res.exact, ref["exact"])
-    np.testing.assert_array_equal(res.prefix_match_len, ref["prefix_match_len"])
-    np.testing.assert_allclose(res.match_ratio, ref["match_ratio"], atol=1e-6)
-    np.testing.assert_allclose(res.edit_similarity, ref["edit_similarity"], atol=1e-6)
-    np.testing.assert_allclose(res.entropy, ref["entropy"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(res.suffix_nll, ref["suffix_nll"], atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(res.near_tie, ref["near_tie"])
 
 
 def _dtypes(res: ExtractionResult, n: int) -> None:
@@ -377,27 +320,56 @@ def test_out_of_vocabulary_tokens():
 
 
 def test_statistics_with_masked_vocabulary_entries():
-    """-inf logits (a masked vocabulary) give finite entropies equal to the careful formula, in both code paths."""
+    """-inf logits (a masked vocabulary) give finite entropies equal to fp64's, without a host check."""
     from memwatch.extraction import _stats
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 50, generator=g) * 3
     logits[:, :, 10:20] = float("-inf")
+    targets = torch.randint(20, 50, (3, 5), generator=g)
     logp = torch.log_softmax(logits.double(), -1)
     expected = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
-    for host_checks in (True, False):
-        ent, argmax, margin, lse = _stats(logits, host_checks=host_checks)
-        torch.testing.assert_close(ent.double(), expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(lse.double(), torch.logsumexp(logits.double(), -1), atol=1e-5, rtol=0)
-        assert torch.equal(argmax, logits.argmax(-1))
+    for consume in (False, True):
+        st = _stats(logits.clone(), targets, consume=consume)
+        torch.testing.assert_close(st.entropy.double(), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            st.nll.double(), -logp.gather(-1, targets[..., None])[..., 0], atol=1e-5, rtol=0
+        )
+        assert torch.equal(st.argmax, logits.argmax(-1))
         top2 = logits.topk(2, -1).values
-        torch.testing.assert_close(margin, top2[..., 0] - top2[..., 1])
+        torch.testing.assert_close(st.top, top2[..., 0])
+        torch.testing.assert_close(st.margin, top2[..., 0] - top2[..., 1])
+    kept = logits.clone()
+    _stats(kept)
+    assert torch.equal(kept, logits)  # not consumed: the caller's logits are left alone
+
+
+def test_statistics_match_fp64_with_a_32k_vocabulary_and_logits_beyond_50():
+    """Entropies (prefix and greedy part), suffix NLLs and exposure's NLLs within 1e-4 of fp64 on a model whose
+    logits reach +-50 and more over a 32k vocabulary, where unshifted fp32 formulas lose 1e-3 nats."""
+    model = wide_llama()
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, model.config.vocab_size, (6, K + M), generator=g)
+    with torch.no_grad():
+        assert model.config.vocab_size >= 32_000 and model(seqs).logits.abs().max() >= 50
+    res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, entropy_window=W)
+    ref = reference(model, seqs, K, M, W, tie_margin=0.0)
+    np.testing.assert_array_equal(res.generated, ref["generated"])
+    assert (res.prefix_match_len < M - 4).all()  # most of each row's greedy part comes from decoding steps
+    np.testing.assert_allclose(res.entropy[:, :W], ref["entropy"][:, :W], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(res.entropy[:, W:], ref["entropy"][:, W:], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(res.suffix_nll, ref["suffix_nll"], atol=1e-4, rtol=0)
+    prefix, suffixes = seqs[0, :K], seqs[:, K:]
+    with torch.no_grad():
+        logits = model(torch.cat([prefix.expand(len(suffixes), K), suffixes], 1)).logits.double()
+    logp = torch.log_softmax(logits[:, K - 1 : -1], -1).gather(-1, suffixes[..., None])[..., 0]
+    np.testing.assert_allclose(
+        suffix_nll_after_prefix(model, prefix, suffixes), -logp.mean(1).numpy(), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefix_shared_suffix_nll_equals_the_full_teacher_forced_pass(arch):
-    from memwatch.extraction import suffix_nll_after_prefix
-
     model = trained_model("gpt2", K, M) if arch == "gpt2" else tiny_model(arch)
     g = torch.Generator().manual_seed(4)
     prefix = torch.randint(0, VOCAB, (K,), generator=g)
@@ -417,9 +389,10 @@ def test_statistics_stay_fp32_inside_autocast():
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6, 300, generator=g) * 12
-    plain = _stats(logits, host_checks=True)
+    targets = torch.randint(0, 300, (4, 6), generator=g)
+    plain = _stats(logits, targets)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = _stats(logits, host_checks=True)
+        auto = _stats(logits, targets)
     for a, b in zip(plain, auto, strict=True):
         assert a.dtype == b.dtype and (a.dtype != torch.bfloat16)
         torch.testing.assert_close(a, b)
