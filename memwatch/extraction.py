@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -15,14 +16,15 @@ from . import metrics
 from .modeling import ModelInfo, inspect_model, preserved_state
 from .result import ExtractionResult
 
-__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix"]
+__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix", "tie_threshold"]
 
 MODES = ("full", "exact")
 DEFAULT_ENTROPY_WINDOW = 16  # DESIGN.md §5; capped at prefix_len - 1 when the prefix is shorter
-# Top-1/top-2 logit margins below these are ties as far as the compute dtype can tell; a different but equally
-# valid summation order (our single pass vs. `generate`'s step-by-step) may then pick the other token.
-# Roughly a few units in the last place for logits of magnitude ~10 in each format.
-DEFAULT_TIE_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.25e-1}
+# A greedy step is a near tie when its top-1/top-2 logit margin is below this many units in the last place of the
+# top logit in the compute dtype: a different but equally valid summation order (our single pass vs. `generate`'s
+# step by step) moves logits by about that much, so it may then pick the other token.
+TIE_ULPS = 4
+_MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 # CPU batches beyond this size stop paying off, and a training process's host memory is not ours to take.
 _CPU_BUDGET_BYTES = 1 << 30
 # On CPU, throughput drops once a layer's widest activation ([rows, k+m, MLP width]) outgrows the caches:
@@ -142,6 +144,31 @@ def _auto_batch_size(
     return max(1, min(n, rows))
 
 
+def tie_threshold(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The default near-tie threshold for top-1 logits `top` [...] computed in `dtype`, as float32 [...].
+
+    TIE_ULPS units in the last place of max(|top|, 1) in that format: TIE_ULPS * 2**(floor(log2 x) - mantissa
+    bits). Relative, because a format's resolution is (bf16 logits in [32, 64) lie 0.25 apart); floored at
+    magnitude 1, because a logit near zero is a sum of larger terms and carries their rounding error.
+    """
+    bits = _MANTISSA_BITS.get(dtype, _MANTISSA_BITS[torch.float32])
+    # frexp is exact: x = f * 2**e with f in [0.5, 1), so floor(log2 x) = e - 1 (log2 may round up below 2**n).
+    _, exponent = torch.frexp(top.float().abs().clamp(min=1.0))
+    return TIE_ULPS * torch.exp2((exponent - 1 - bits).float())
+
+
+@dataclass(frozen=True)
+class _TieRule:
+    """Which top-1/top-2 margins are near ties: below `margin` when the caller set one, else tie_threshold."""
+
+    dtype: torch.dtype
+    margin: float | None = None
+
+    def __call__(self, margin: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        limit = self.margin if self.margin is not None else tie_threshold(top, self.dtype)
+        return margin < limit
+
+
 class _Stats(NamedTuple):
     """fp32 statistics of a next-token distribution, one value per position."""
 
@@ -204,11 +231,11 @@ class _Batch:
         self.entropy = torch.zeros(b, w + m, device=dev)
         self.nll = torch.zeros(b, m, device=dev)
         self.tf_argmax = torch.zeros(b, m, dtype=torch.long, device=dev)
-        self.tf_margin = torch.zeros(b, m, device=dev)
+        self.tf_tie = torch.zeros(b, m, dtype=torch.bool, device=dev)
 
 
 def _teacher_forced(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, use_cache: bool
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, tie: _TieRule, use_cache: bool
 ) -> tuple[_Batch, object]:
     """One teacher-forced pass over x[:, :k+m-1]: logits only for the last w+m positions. x: [B, k+m]."""
     logits, cache = _forward(info, w + m, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, w+m, V]
@@ -221,7 +248,7 @@ def _teacher_forced(
         st = _stats(logits[sl], targets[sl], consume=True)
         out.entropy[sl] = st.entropy
         out.tf_argmax[sl] = st.argmax[:, w:]
-        out.tf_margin[sl] = st.margin[:, w:]
+        out.tf_tie[sl] = tie(st.margin[:, w:], st.top[:, w:])
         out.nll[sl] = st.nll[:, w:]  # type: ignore[index]
         del st
     del logits
@@ -265,7 +292,7 @@ def _decode(
     k: int,
     m: int,
     w: int,
-    tie_margin: float,
+    tie: _TieRule,
     near_tie: torch.Tensor,
 ) -> int:
     """Greedy decoding of the rows that diverged before the last token, from their divergence point.
@@ -315,7 +342,7 @@ def _decode(
         col = d + t + 1  # suffix index this step predicts, [R]
         gen[rows, col] = st.argmax
         out.entropy[rows, w + col] = st.entropy
-        near_tie[rows] |= st.margin < tie_margin
+        near_tie[rows] |= tie(st.margin, st.top)
         token, pos = st.argmax, pos + 1
         # Rows whose last suffix token was just produced leave; they are at the front by construction.
         done = 0
@@ -339,10 +366,10 @@ def _dummy_forward(info: ModelInfo) -> None:
 
 
 def _run_batch(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie_margin: float, sync: Any = None
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie: _TieRule, sync: Any = None
 ) -> dict[str, np.ndarray]:
     full = mode == "full"
-    out, cache = _teacher_forced(info, x, k, m, w, use_cache=full)
+    out, cache = _teacher_forced(info, x, k, m, w, tie, use_cache=full)
     suffix = x[:, k:]
     hit = out.tf_argmax == suffix  # [B, m] teacher-forced argmax equals the true token
     all_hit = hit.all(dim=1)
@@ -350,7 +377,7 @@ def _run_batch(
     cols = torch.arange(m, device=x.device)
     # Greedy steps up to and including the divergence are exactly the teacher-forced argmaxes.
     greedy_known = cols.unsqueeze(0) <= first_miss.unsqueeze(1)  # [B, m]
-    near_tie = ((out.tf_margin < tie_margin) & greedy_known).any(dim=1)
+    near_tie = (out.tf_tie & greedy_known).any(dim=1)
     result = {
         "exact": all_hit,
         "prefix_match_len": first_miss,
@@ -359,7 +386,7 @@ def _run_batch(
     if full:
         gen = torch.where(cols.unsqueeze(0) < first_miss.unsqueeze(1), suffix, out.tf_argmax)
         agreed = sync.max(int((m - 1 - first_miss).clamp(min=0).max())) if sync is not None else None
-        ran = _decode(info, cache, x, first_miss, gen, out, k, m, w, tie_margin, near_tie)
+        ran = _decode(info, cache, x, first_miss, gen, out, k, m, w, tie, near_tie)
         for _ in range((agreed or 0) - ran):
             _dummy_forward(info)
         result["generated"] = gen
@@ -399,8 +426,8 @@ def extract(
             `edit_similarity`).
         amp_dtype: None (the model's dtype), "bf16" or "fp16": autocast for the forward passes. Log-softmax and
             all statistics are computed in fp32 regardless.
-        tie_margin: top-1/top-2 logit margin under which a greedy step counts as a near tie; None picks one for
-            the compute dtype.
+        tie_margin: an absolute top-1/top-2 logit margin under which a greedy step counts as a near tie; None
+            (default) uses `tie_threshold`: TIE_ULPS units in the last place of the top logit in the compute dtype.
         memory_budget: bytes the automatic batch size may plan for (default: 1 GiB on CPU, half the free
             memory on CUDA).
         progress: called as progress(rows_done, rows_total) after each batch.
@@ -443,8 +470,7 @@ def extract(
             f"got values from {lo} to {hi}. Were the probes tokenized with another tokenizer?"
         )
     compute_dtype = amp or info.param_dtype
-    if tie_margin is None:
-        tie_margin = DEFAULT_TIE_MARGIN.get(compute_dtype, DEFAULT_TIE_MARGIN[torch.float32])
+    tie = _TieRule(compute_dtype, None if tie_margin is None else float(tie_margin))
     act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
     bs = batch_size or _auto_batch_size(info, n, k, m, w, mode, act_bytes, memory_budget)
     extra_batches = 0
@@ -460,11 +486,11 @@ def extract(
     with preserved_state(model), autocast:
         for start in range(0, n, bs):
             x = x_all[start : start + bs].to(info.device, non_blocking=True)
-            parts.append(_run_batch(info, x, k, m, w, mode, float(tie_margin), sync))
+            parts.append(_run_batch(info, x, k, m, w, mode, tie, sync))
             if progress is not None:
                 progress(min(start + bs, n), n)
         for _ in range(extra_batches):  # another rank has more batches: join its forward calls, keep nothing
-            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, float(tie_margin), sync)
+            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, tie, sync)
     return _assemble(parts, x_all[:, k:].numpy(), k, m, w, mode)
 
 

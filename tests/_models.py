@@ -147,9 +147,12 @@ def generate_row(model, prefix: torch.Tensor, m: int):
     return gen.sequences[0, prefix.shape[1] :], torch.stack([lg[0] for lg in gen.logits])  # [m], [m, V]
 
 
-def reference(model, seqs: torch.Tensor, k: int, m: int, w: int, tie_margin: float) -> dict[str, np.ndarray]:
+def reference(
+    model, seqs: torch.Tensor, k: int, m: int, w: int, tie_margin: float | None = None
+) -> dict[str, np.ndarray]:
     """Row by row: HF generate (greedy, no EOS stop) for the continuation and its entropies, a forward for the
-    rest, all statistics in fp64. near_tie: a generate step's top-1/top-2 margin below `tie_margin`."""
+    rest, all statistics in fp64. near_tie: a generate step's top-1/top-2 margin below `tie_margin`, or below
+    memwatch's fp32 tie_threshold of its top logit when None."""
     out: dict[str, list] = {n: [] for n in ("generated", "entropy", "suffix_nll", "near_tie")}
     model.eval()
     with torch.no_grad():
@@ -160,12 +163,18 @@ def reference(model, seqs: torch.Tensor, k: int, m: int, w: int, tie_margin: flo
             logp = torch.log_softmax(full.double(), dim=-1)
             nll = -logp[k - 1 : k + m - 1].gather(-1, x[0, k:, None]).squeeze(-1)
             top2 = step_logits.float().topk(2, dim=-1).values
+            if tie_margin is None:
+                from memwatch.extraction import tie_threshold
+
+                limit = tie_threshold(top2[:, 0], torch.float32)
+            else:
+                limit = tie_margin
             out["generated"].append(tokens.numpy())
             out["entropy"].append(
                 torch.cat([fp64_entropy(full[k - w - 1 : k - 1]), fp64_entropy(step_logits)]).numpy()
             )
             out["suffix_nll"].append(nll.mean().item())
-            out["near_tie"].append(bool((top2[:, 0] - top2[:, 1] < tie_margin).any()))
+            out["near_tie"].append(bool((top2[:, 0] - top2[:, 1] < limit).any()))
     ref = {n: np.array(v) for n, v in out.items()}
     suffix = seqs[:, k : k + m].numpy()
     eq = ref["generated"] == suffix

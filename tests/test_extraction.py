@@ -11,6 +11,7 @@ from _models import (
     ARCHS,
     VOCAB,
     assert_matches,
+    generate_row,
     memorizing_panel,
     reference,
     tiny_model,
@@ -19,7 +20,7 @@ from _models import (
 )
 
 import memwatch
-from memwatch.extraction import DEFAULT_TIE_MARGIN, ExtractionResult, suffix_nll_after_prefix
+from memwatch.extraction import ExtractionResult, suffix_nll_after_prefix
 
 K, M, W = 16, 16, 8
 
@@ -41,7 +42,7 @@ def test_random_models_match_generate(arch):
     seqs = torch.randint(0, VOCAB, (10, K + M + 5), generator=torch.Generator().manual_seed(3))
     res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, entropy_window=W, batch_size=4)
     _dtypes(res, 10)
-    assert_matches(res, reference(model, seqs, K, M, W, DEFAULT_TIE_MARGIN[torch.float32]))
+    assert_matches(res, reference(model, seqs, K, M, W))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -63,7 +64,7 @@ def test_random_model_self_generated_rows_are_exact(arch):
     res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, entropy_window=W)
     assert res.exact[:3].all() and not res.exact[3:].any()
     assert (res.prefix_match_len[3:] >= 4).all()
-    assert_matches(res, reference(model, seqs, K, M, W, DEFAULT_TIE_MARGIN[torch.float32]))
+    assert_matches(res, reference(model, seqs, K, M, W))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -77,7 +78,7 @@ def test_trained_model_mixed_panel_matches_generate(arch):
     partial = res.match_ratio[4:8]
     assert ((partial > 0) & (partial < 1)).all(), partial
     assert (res.match_ratio[8:] < 0.5).all()
-    assert_matches(res, reference(model, panel, K, M, W, DEFAULT_TIE_MARGIN[torch.float32]))
+    assert_matches(res, reference(model, panel, K, M, W))
     # Memorized rows keep low entropy through the boundary; unmatched rows do not.
     assert res.entropy[:4, W:].mean() < res.entropy[8:, W:].mean()
 
@@ -365,6 +366,71 @@ def test_statistics_match_fp64_with_a_32k_vocabulary_and_logits_beyond_50():
     logp = torch.log_softmax(logits[:, K - 1 : -1], -1).gather(-1, suffixes[..., None])[..., 0]
     np.testing.assert_allclose(
         suffix_nll_after_prefix(model, prefix, suffixes), -logp.mean(1).numpy(), atol=1e-4, rtol=0
+    )
+
+
+def test_tie_threshold_is_a_few_units_in_the_last_place_of_the_top_logit():
+    from memwatch.extraction import tie_threshold
+
+    # Hand-computed: TIE_ULPS = 4 times the spacing 2**(floor(log2 max(|x|, 1)) - mantissa bits).
+    cases = {
+        torch.bfloat16: {
+            40.0: 1.0,
+            -40.0: 1.0,
+            32.0: 1.0,
+            63.9: 1.0,
+            31.9: 0.5,
+            64.0: 2.0,
+            3.0: 2**-4,
+            1.5: 2**-5,
+        },
+        torch.float16: {40.0: 0.125, 1000.0: 2.0, 0.5: 2**-8, 1.0: 2**-8},
+        torch.float32: {40.0: 2**-16, 1.0: 2**-21, 2.0**20: 0.5, -3.0: 2**-20},
+    }
+    for dtype, expected in cases.items():
+        tops = torch.tensor(list(expected))
+        torch.testing.assert_close(
+            tie_threshold(tops, dtype), torch.tensor(list(expected.values())), rtol=0, atol=0
+        )
+        assert (
+            tie_threshold(torch.tensor([1e-3, 0.0]), dtype)
+            .eq(tie_threshold(torch.tensor([1.0]), dtype))
+            .all()
+        )
+
+
+class _SplitSumHead(torch.nn.Module):
+    """An lm_head computing x @ W.T in bf16 as two rounded half-sums over several positions (a prefill) and as one
+    sum for a single position (a decoding step): two valid summation orders, as a GPU's split-K and plain kernels."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == 1:
+            return x @ self.weight.T
+        h = x.shape[-1] // 2
+        return x[..., :h] @ self.weight[:, :h].T + x[..., h:] @ self.weight[:, h:].T
+
+
+def test_bf16_summation_order_disagreements_are_flagged_relative_to_the_logits_magnitude():
+    """Forced disagreements: our teacher-forced pass sums the head in halves, generate's steps in one go, so rows
+    that recite generate's own continuation flip at near ties. Each such row is flagged, including rows whose
+    margins all exceed an absolute 0.125 (bf16 logits of 32 to 64 lie 0.25 apart)."""
+    model = wide_llama(vocab=300, spread=8.0, offset=40.0).to(torch.bfloat16)
+    model.lm_head = _SplitSumHead(model.lm_head)
+    prefixes = torch.randint(0, 300, (16, K), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        continuation = torch.stack([generate_row(model, p[None], M)[0] for p in prefixes])
+    seqs = torch.cat([prefixes, continuation], 1)
+    res = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M)
+    absolute = memwatch.extract(model, seqs, prefix_len=K, suffix_len=M, tie_margin=0.125)
+    differ = (res.generated != continuation.numpy()).any(axis=1)
+    assert differ.any(), "no disagreement was forced: the test would pass vacuously"
+    assert res.near_tie[differ].all(), np.flatnonzero(differ & ~res.near_tie)
+    assert (differ & ~absolute.near_tie).any(), (
+        "every disagreement was an absolute tie: nothing relative tested"
     )
 
 
