@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -139,6 +140,10 @@ def test_select_and_concat_round_trip():
     for name in ExtractionResult.ARRAY_FIELDS:
         np.testing.assert_array_equal(getattr(back, name), getattr(res, name))
     assert len(res.select([3, 1])) == 2 and res.select([3, 1]).exact[1] == res.exact[1]
+    assert res.decoding == back.decoding == res.select([0]).decoding == "cache-reuse"
+    mixed = [res.select([0]), replace(res.select([1]), decoding="recompute"), replace(res, decoding="none")]
+    assert ExtractionResult.concat(mixed).decoding == "cache-reuse+recompute"
+    assert ExtractionResult.concat([mixed[2], mixed[2]]).decoding == "none"
 
 
 def test_progress_is_reported_per_batch():
