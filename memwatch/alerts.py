@@ -293,6 +293,7 @@ class WebhookSink:
         self.threads: list[threading.Thread] = []
         self.failures = 0
         self.sent = 0
+        self.abandoned = 0  # posts still in flight when close() gave up waiting
 
     def __call__(self, alert: Alert) -> None:
         payload = json.dumps(
@@ -327,6 +328,21 @@ class WebhookSink:
         deadline = time.monotonic() + grace
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        self.abandoned = sum(t.is_alive() for t in self.threads)
+        self.threads = []
+        if self.sent or self.failures or self.abandoned:
+            level = logging.WARNING if self.failures or self.abandoned else logging.INFO
+            log.log(
+                level,
+                "memwatch: webhook to %s: %d alert(s) sent, %d failed, %d abandoned at shutdown",
+                urllib.parse.urlsplit(self.url).hostname,
+                self.sent,
+                self.failures,
+                self.abandoned,
+            )
+
+    def undelivered(self) -> int:
+        return self.failures + self.abandoned
 
 
 class AlertSinks:
@@ -336,22 +352,55 @@ class AlertSinks:
         self.sinks: list[tuple[str, Callable[[Alert], Any]]] = []
         self.closers: list[Callable[[], Any]] = []
         self._broken: set[str] = set()
+        self.failed: dict[str, int] = {}  # sink -> alerts it failed to take
+        self._pending: dict[str, Callable[[], int]] = {}  # sink -> how many it lost after taking them
+        self._flushers: list[tuple[str, Callable[[], Any]]] = []
 
-    def add(self, name: str, sink: Callable[[Alert], Any], close: Callable[[], Any] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        sink: Callable[[Alert], Any],
+        close: Callable[[], Any] | None = None,
+        undelivered: Callable[[], int] | None = None,
+        flush: Callable[[], Any] | None = None,
+    ) -> None:
+        """A sink; `flush` (optional) is called once the alerts of an evaluation are all emitted."""
         self.sinks.append((name, sink))
         if close is not None:
             self.closers.append(close)
+        if flush is not None:
+            self._flushers.append((name, flush))
+        if undelivered is not None:
+            self._pending[name] = undelivered
 
-    def emit(self, alert: Alert) -> None:
+    def undelivered(self) -> dict[str, int]:
+        """Per sink, the alerts that did not get through (failed writes, webhook posts failed or abandoned)."""
+        out = dict(self.failed)
+        for name, count in self._pending.items():
+            out[name] = out.get(name, 0) + count()
+        return out
+
+    def emit(self, alert: Alert, only: Sequence[str] | None = None) -> None:
         for name, sink in self.sinks:
+            if only is not None and name not in only:
+                continue
             try:
                 sink(alert)
             except Exception:  # a sink must not take the run down
+                self.failed[name] = self.failed.get(name, 0) + 1
                 if name not in self._broken:
                     self._broken.add(name)
                     log.exception(
                         "memwatch: the %s alert sink failed; other sinks and training continue", name
                     )
+
+    def flush(self) -> None:
+        for name, flush in self._flushers:
+            try:
+                flush()
+            except Exception:
+                self.failed[name] = self.failed.get(name, 0) + 1
+                log.exception("memwatch: the %s alert sink failed; other sinks and training continue", name)
 
     def close(self) -> None:
         for close in self.closers:
@@ -360,13 +409,12 @@ class AlertSinks:
 
 
 def jsonl_sink(path: str) -> Callable[[Alert], None]:
-    """Append alerts as JSON lines to `path` (created with mode 0600)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Append alerts as JSON lines to `path` (mode 0600, each record whole or not at all, never through a link)."""
+    from .files import append_line, private_makedirs
+
+    private_makedirs(os.path.dirname(os.path.abspath(path)))
 
     def write(alert: Alert) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.fchmod(fd, 0o600)  # a file that already existed keeps its mode under O_CREAT: make it private too
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(alert.to_dict(), default=str) + "\n")
+        append_line(path, json.dumps(alert.to_dict(), default=str))
 
     return write

@@ -38,6 +38,11 @@ def _nan_mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else math.nan
 
 
+def _nan_median(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else math.nan
+
+
 def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
@@ -173,7 +178,7 @@ class RunData:
                         "mean_match_ratio": _clean(_nan_mean(self.match_ratio[e, r])),
                         "mean_edit_similarity": _clean(_nan_mean(self.edit_similarity[e, r])),
                         "mean_suffix_nll": _clean(_nan_mean(self.suffix_nll[e, r])),
-                        "mean_exposure": _clean(_nan_mean(self.exposure[e, r])),
+                        "median_exposure": _clean(_nan_median(self.exposure[e, r])),
                         "buckets": dict(zip(metrics.BUCKET_NAMES, counts.tolist(), strict=True)),
                     }
                 )
@@ -364,6 +369,12 @@ class History:
                 if gen is not None and len(gen) == m:
                     generated[ei, i] = gen
                     any_generated = True
+        if any_generated:  # the history keeps what matches the probe's suffix in the probes table only
+            from .history import reveal_matches
+
+            k = evals[0]["prefix_len"]
+            suffixes = np.array([p["tokens"][k : k + m] for p in panel], dtype=np.int64)  # [N, m]
+            generated = reveal_matches(generated, suffixes[None])
         return RunData(
             run_id=info["run_id"],
             name=info["name"],

@@ -1,4 +1,4 @@
-"""The `memwatch` command line: demo, scan, report, compare, export-tb (argparse; heavy imports only on use)."""
+"""The `memwatch` command line: demo, scan, report, compare, export-tb, recover (argparse; heavy imports on use)."""
 
 from __future__ import annotations
 
@@ -152,6 +152,18 @@ def _export_tb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace) -> int:
+    from .history import recover
+
+    got = recover(args.source, args.target)
+    print(
+        f"recovered {got['runs']} run(s), {got['evaluations']} evaluation(s) and {got['alerts']} alert(s) into "
+        f"{args.target}; lost {got['evaluations_lost']} evaluation(s) and {got['runs_lost']} run(s) that could "
+        "not be read"
+    )
+    return 0
+
+
 class _Usage(Exception):
     """A command-line mistake the parser could not see."""
 
@@ -247,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", help="a history file or output directory")
     export.add_argument("--out", required=True, help="TensorBoard log directory to write")
     export.set_defaults(func=_export_tb)
+
+    rec = sub.add_parser(
+        "recover",
+        help="copy the readable runs of a damaged history into a new file",
+        description="Copy every run, panel, evaluation and alert that can still be read from a damaged history into "
+        "a new history. The damaged file is only read.",
+    )
+    rec.add_argument("source", help="the damaged history file")
+    rec.add_argument("target", help="the new history file to write (must not exist)")
+    rec.set_defaults(func=_recover)
     return parser
 
 
@@ -256,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import sqlite3
+
     from .history import HistoryError
 
     errors: tuple[type[BaseException], ...] = (
@@ -264,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         IsADirectoryError,
         PermissionError,
+        sqlite3.DatabaseError,
     )
     try:
         from .scan import ScanError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -43,6 +44,39 @@ def _check_str(name: str, value: Any, *, optional: bool = True) -> None:
     raise ConfigError(
         f"MonitorConfig.{name} must be a non-empty string{' or None' if optional else ''}; got {value!r}"
     )
+
+
+MAX_WEBHOOK_TIMEOUT = 300.0  # seconds per attempt: longer is a hung server, not a slow one
+MAX_WEBHOOK_RETRIES = 10
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_webhook_url(url: Any) -> None:
+    """An http(s) URL with a host and no whitespace. The error never repeats the URL: its path is a secret."""
+    from urllib.parse import urlsplit
+
+    problem = None
+    if not isinstance(url, str):
+        problem = f"a string, not {type(url).__name__}"
+    elif any(c.isspace() for c in url):
+        problem = "without spaces or line breaks"
+    else:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            parts, host = None, None
+        if parts is None or parts.scheme not in ("http", "https"):
+            problem = "an http:// or https:// URL"
+        elif not host:
+            problem = "a URL with a host name (http://host/path)"
+    if problem:
+        raise ConfigError(
+            f"AlertConfig.webhook_url must be {problem} (the URL is not repeated here: it may hold a token)"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,11 +126,16 @@ class AlertConfig:
             ("spike_z", 0.0),
             ("spike_min_rate", 0.0),
             ("hysteresis", 0.0),
-            ("webhook_timeout", 0.0),
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"AlertConfig.{name} must be a number >= {low}; got {value!r}")
+            if not _finite_number(value) or value < low:
+                raise ConfigError(f"AlertConfig.{name} must be a finite number >= {low}; got {value!r}")
+        if not _finite_number(self.webhook_timeout) or not 0 < self.webhook_timeout <= MAX_WEBHOOK_TIMEOUT:
+            # 0 fails every post, even to a healthy server; an unbounded wait holds a thread forever
+            raise ConfigError(
+                f"AlertConfig.webhook_timeout must be seconds in (0, {MAX_WEBHOOK_TIMEOUT:g}]; "
+                f"got {self.webhook_timeout!r}"
+            )
         if self.hysteresis >= 1:
             raise ConfigError(f"AlertConfig.hysteresis must be below 1; got {self.hysteresis!r}")
         for name in (
@@ -109,8 +148,13 @@ class AlertConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"AlertConfig.{name} must be an integer >= 0; got {value!r}")
+        if self.webhook_retries > MAX_WEBHOOK_RETRIES:
+            raise ConfigError(
+                f"AlertConfig.webhook_retries must be at most {MAX_WEBHOOK_RETRIES} (each retry holds a thread); "
+                f"got {self.webhook_retries!r}"
+            )
         if self.exposure_bits is not None and (
-            not isinstance(self.exposure_bits, int | float) or self.exposure_bits <= 0
+            not _finite_number(self.exposure_bits) or self.exposure_bits <= 0
         ):
             raise ConfigError(
                 f"AlertConfig.exposure_bits must be a positive number of bits or None; got {self.exposure_bits!r}"
@@ -124,12 +168,8 @@ class AlertConfig:
                 raise ConfigError(f"AlertConfig.actions: unknown rule {rule!r}; rules are {RULES}")
             if isinstance(acts, str) or not all(a in ACTIONS for a in acts):
                 raise ConfigError(f"AlertConfig.actions[{rule!r}] must be a tuple of {ACTIONS}; got {acts!r}")
-        if self.webhook_url is not None and not (
-            isinstance(self.webhook_url, str) and self.webhook_url.startswith(("http://", "https://"))
-        ):
-            raise ConfigError(
-                f"AlertConfig.webhook_url must be an http:// or https:// URL; got {self.webhook_url!r}"
-            )
+        if self.webhook_url is not None:
+            _check_webhook_url(self.webhook_url)
         if self.on_alert is not None and not callable(self.on_alert):
             raise ConfigError("AlertConfig.on_alert must be callable")
 
@@ -231,6 +271,11 @@ class MonitorConfig:
                 f"MonitorConfig.amp_dtype must be 'auto', None, 'bf16', 'fp16' or 'fp32'; got {self.amp_dtype!r}"
             )
         _check_fraction("memorized_threshold", self.memorized_threshold)
+        if self.mode == "exact" and self.memorized_threshold < 1:
+            raise ConfigError(
+                "MonitorConfig.memorized_threshold below 1 needs the match ratio, which mode='exact' does not compute "
+                f"(got memorized_threshold={self.memorized_threshold!r}): use mode='full', or leave it at 1.0"
+            )
         _check_int("train_probes", self.train_probes, 0)
         _check_int("heldout_probes", self.heldout_probes, 0)
         _check_int("seed", self.seed, 0)
@@ -253,6 +298,20 @@ class MonitorConfig:
             "entropy_window": self.entropy_window,
             "mode": self.mode,
         }
+
+    # Fields that define what a recorded number means: a resumed run may not change them.
+    DEFINITIONS = (
+        "prefix_len",
+        "suffix_len",
+        "entropy_window",
+        "mode",
+        "memorized_threshold",
+        "boundary_width",
+    )
+
+    def definitions(self) -> dict[str, Any]:
+        """The fields that define the run's numbers (see DEFINITIONS)."""
+        return {name: getattr(self, name) for name in self.DEFINITIONS}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: nested configs as dicts, callables by name."""

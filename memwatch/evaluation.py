@@ -37,7 +37,7 @@ class GroupStats:
     boundary: dict[str, tuple[float, float, float]] = field(
         default_factory=dict
     )  # bucket -> (pre, post, jump)
-    mean_exposure: float = math.nan
+    median_exposure: float = math.nan
 
     @property
     def extraction_rate(self) -> float:
@@ -102,6 +102,19 @@ class ProbeTracker:
         self.prev_step = step
         return events, prev_buckets, prev_step
 
+    def snapshot(self) -> tuple[Any, ...]:
+        """The state, to restore() after an evaluation that was not recorded."""
+        return (
+            self.prev_step,
+            None if self.prev_memorized is None else self.prev_memorized.copy(),
+            None if self.prev_buckets is None else self.prev_buckets.copy(),
+            self.ever.copy(),
+            self.first_step.copy(),
+        )
+
+    def restore(self, snapshot: tuple[Any, ...]) -> None:
+        self.prev_step, self.prev_memorized, self.prev_buckets, self.ever, self.first_step = snapshot
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "n": self.n,
@@ -151,12 +164,12 @@ def tier_rows(
         twn = np.array(tiers[rep]["canary_heldout"], dtype=np.int64)
         firsts = [int(first_step[i]) for i in ins if 0 <= first_step[i] <= step]
 
-        def mean_of(values: np.ndarray | None, rows: np.ndarray) -> float | None:
+        def mean_of(values: np.ndarray | None, rows: np.ndarray, how: Any = np.mean) -> float | None:
             if values is None or not len(rows):
                 return None
             v = np.asarray(values, dtype=np.float64)[rows]
             v = v[np.isfinite(v)]
-            return float(v.mean()) if len(v) else None
+            return float(how(v)) if len(v) else None
 
         out.append(
             {
@@ -166,8 +179,9 @@ def tier_rows(
                 "inserted_extracted": int(exact[ins].sum()) if len(ins) else 0,
                 "twins": len(twn),
                 "twins_extracted": int(exact[twn].sum()) if len(twn) else 0,
-                "mean_exposure": mean_of(exposure, ins),
-                "twins_mean_exposure": mean_of(exposure, twn),
+                # the median: one extrapolated canary far out in the tail does not set the tier's curve
+                "median_exposure": mean_of(exposure, ins, np.median),
+                "twins_median_exposure": mean_of(exposure, twn, np.median),
                 "mean_match_ratio": mean_of(match_ratio, ins),
                 "first_memorized_step": min(firsts) if firsts else None,
             }
@@ -225,7 +239,7 @@ def build_record(
         if exposure is not None:
             ex = exposure[rows]
             ex = ex[np.isfinite(ex)]
-            gs.mean_exposure = _mean(ex) if len(ex) else math.nan
+            gs.median_exposure = float(np.median(ex)) if len(ex) else math.nan
         for bi, profile in metrics.entropy_profiles(result.entropy[rows], b).items():
             name = metrics.BUCKET_NAMES[bi]
             gs.profiles[name] = profile.tolist()

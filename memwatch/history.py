@@ -11,12 +11,25 @@ from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "HistoryError", "HistoryStore", "decode_floats", "decode_ints"]
+__all__ = [
+    "MATCH",
+    "SCHEMA_VERSION",
+    "HistoryError",
+    "HistoryStore",
+    "decode_floats",
+    "decode_ints",
+    "recover",
+    "reveal_matches",
+]
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x6D656D77  # "memw": tells a memwatch history from any other SQLite file
 PAGE_SIZE = 16384  # rows carry ~400 bytes of blobs: larger pages measured ~1.7x faster ingest than 4 KiB
 CACHE_KIB = 65536  # a 64 MiB page cache per connection
+# Opening an existing history runs SQLite's quick_check for at most this long (a damaged page anywhere in a file of
+# a few hundred MB is found; a larger file is checked as far as the budget reaches, and a damaged page beyond it
+# is still refused when a read reaches it).
+INTEGRITY_SECONDS = 2.0
 
 _SCHEMA = """
 CREATE TABLE runs (
@@ -69,7 +82,7 @@ CREATE TABLE results (
     suffix_nll       REAL NOT NULL,
     near_tie         INTEGER NOT NULL,
     exposure         REAL,
-    generated        BLOB,             -- int32 little-endian [m]
+    generated        BLOB,             -- int32 little-endian [m]; -1 where equal to the probe's true suffix
     entropy          BLOB NOT NULL,    -- float32 little-endian [w + m]
     PRIMARY KEY (eval_id, position)
 ) WITHOUT ROWID;
@@ -105,6 +118,29 @@ class HistoryError(RuntimeError):
     """The history file cannot be used; the message says why and what to do. The file is left untouched."""
 
 
+def damaged(path: str, detail: str) -> HistoryError:
+    """The error for a history with damaged pages: refused, never written, and how to get the rest back."""
+    return HistoryError(
+        f"{path} is damaged ({detail}); it was left untouched and nothing will be written into it. Record into a "
+        f"new history (history_path=... or another output_dir); `memwatch recover {path} NEW.sqlite` copies the "
+        "runs and evaluations that are still readable into a new file."
+    )
+
+
+def _reading(method: Any) -> Any:
+    """Reads of a damaged file raise HistoryError (one line, the recovery advice), never a raw sqlite3 error."""
+
+    def wrapper(self: HistoryStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise self._explain(exc) from exc
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 def _blob(row: Any, typecode: str) -> bytes:
     if hasattr(row, "tobytes"):  # a numpy row of the right dtype (callers pass int32 / float32 arrays)
         return row.tobytes()
@@ -118,6 +154,18 @@ def decode_floats(blob: bytes | None) -> list[float] | None:
     out = array("f")
     out.frombytes(blob)
     return out.tolist()
+
+
+MATCH = -1  # a generated token equal to the probe's own suffix token (see HistoryStore._hide_matches)
+WITHHELD = -2  # a generated token that differs from it, not kept (reveal_text=False: it may be another text)
+
+
+def reveal_matches(generated: Any, suffix: Any) -> Any:
+    """A stored continuation [.., m] with its MATCH entries replaced by the true suffix tokens [.., m]."""
+    import numpy as np
+
+    gen = np.asarray(generated)
+    return np.where(gen == MATCH, np.asarray(suffix), gen)
 
 
 def decode_ints(blob: bytes | None) -> list[int] | None:
@@ -152,6 +200,7 @@ class HistoryStore:
         self.path = os.fspath(path)
         self.readonly = readonly
         self._positions: dict[int, dict[str, int]] = {}  # run_id -> probe_id -> position
+        self._tokens: dict[int, dict[int, list[int]]] = {}  # run_id -> position -> probe tokens
         created = False
         if readonly:
             if not os.path.exists(self.path):
@@ -159,10 +208,15 @@ class HistoryStore:
                     f"no history at {self.path}: run a training with memwatch or `memwatch scan` first"
                 )
         else:
+            from .files import private_makedirs, refuse_link
+
             parent = os.path.dirname(os.path.abspath(self.path))
             try:
-                os.makedirs(parent, exist_ok=True)
+                private_makedirs(parent)
+                refuse_link(self.path, "the history")
                 created = _create_private(self.path)
+            except NotADirectoryError as exc:
+                raise HistoryError(f"cannot create the history at {self.path}: {exc}") from exc
             except OSError as exc:
                 raise HistoryError(
                     f"cannot create the history at {self.path}: {exc.strerror or exc}. Choose a writable location "
@@ -189,7 +243,9 @@ class HistoryStore:
                 f"the history {self.path} is locked by another process (another training run or scan writing to it?). "
                 "Wait for it to finish, or give this run its own history_path."
             )
-        if "not a database" in text or "malformed" in text or "corrupt" in text:
+        if "malformed" in text or "corrupt" in text:
+            return damaged(self.path, text)
+        if "not a database" in text:
             return HistoryError(
                 f"{self.path} is not a readable memwatch history ({text}); it was left untouched. Move it aside "
                 "(or, for a run writing to it, choose another history_path)."
@@ -234,12 +290,30 @@ class HistoryStore:
                 f"{self.path} was written by a newer memwatch (history schema {version}; this memwatch reads up to "
                 f"{SCHEMA_VERSION}). Upgrade memwatch (pip install -U memwatch); the file was left untouched."
             )
+        self._check_integrity()  # before any pragma that could write
         if not self.readonly:
             c.execute("PRAGMA journal_mode=WAL")
         c.execute("PRAGMA synchronous=NORMAL")
         c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        # A cheap integrity probe: reading the schema fails on a damaged header.
-        c.execute("SELECT count(*) FROM evals").fetchone()
+
+    def _check_integrity(self) -> None:
+        """SQLite's quick_check (every page and B-tree structure; not the index contents), bounded in time.
+
+        A damaged file is refused before anything is appended to it: a run would otherwise record into a history
+        that loses its evaluations when it is read."""
+        deadline = time.monotonic() + INTEGRITY_SECONDS
+        self.conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            rows = self.conn.execute("PRAGMA quick_check(5)").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "interrupt" not in str(exc):
+                raise
+            rows = [("ok",)]  # the budget ran out: what was read is fine; reads check the rest as they go
+        finally:
+            self.conn.set_progress_handler(None, 0)
+        problems = [r[0] for r in rows if r[0] != "ok"]
+        if problems:
+            raise damaged(self.path, "; ".join(problems[:2]))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -331,6 +405,7 @@ class HistoryStore:
                 ),
             )
 
+    @_reading
     def positions(self, run_id: int) -> dict[str, int]:
         """probe_id -> position in the run's panel."""
         if run_id not in self._positions:
@@ -352,11 +427,13 @@ class HistoryStore:
         wall_time: float | None = None,
         duration: float | None = None,
         label: str | None = None,
+        reveal_generated: bool = False,
     ) -> int:
         """Append one evaluation: one results row per probe. Replaces an evaluation at the same run, step and spec.
 
         columns: RESULT_COLUMNS -> per-row sequences (numpy arrays welcome); "generated" [N, m] int32 rows and
-        "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL.
+        "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL. Generated tokens
+        are stored as MATCH / WITHHELD (see _hide_matches) unless reveal_generated keeps the ones that differ.
         """
         n = len(probe_ids)
         spec_json = json.dumps(dict(spec), sort_keys=True)
@@ -372,6 +449,8 @@ class HistoryStore:
             value = columns.get(name)
             if value is None:
                 return [None] * n
+            if name == "generated":
+                value = self._hide_matches(run_id, pos, spec, value, reveal_generated)
             if name in ("generated", "entropy"):
                 typecode = "i" if name == "generated" else "f"
                 return [_blob(r, typecode) for r in value]
@@ -428,6 +507,30 @@ class HistoryStore:
             )
         return eval_id
 
+    def _hide_matches(
+        self, run_id: int, positions: Sequence[int], spec: Mapping[str, Any], generated: Any, reveal: bool
+    ) -> Any:
+        """The greedy continuation as stored: every token that equals the probe's true suffix as MATCH (-1), so what
+        a model reproduces of a probe (a canary's secret, training text) lives in the probes table only; every other
+        token as WITHHELD (-2) unless `reveal` (a model's continuation of one probe can be another memorized text:
+        a training window continued with a canary's secret). Readers put the suffix back (reveal_matches)."""
+        import numpy as np
+
+        gen = np.asarray(generated, dtype=np.int32)
+        k, m = int(spec["prefix_len"]), int(spec["suffix_len"])
+        tokens = self._panel_tokens(run_id)
+        suffix = np.array([tokens[p][k : k + m] for p in positions], dtype=np.int32).reshape(gen.shape)
+        return np.where(gen == suffix, MATCH, gen if reveal else WITHHELD).astype(np.int32)
+
+    def _panel_tokens(self, run_id: int) -> dict[int, list[int]]:
+        if run_id not in self._tokens:
+            rows = self.conn.execute(
+                "SELECT rp.position, p.tokens FROM run_probes rp JOIN probes p USING (probe_id) WHERE rp.run_id = ?",
+                (run_id,),
+            )
+            self._tokens[run_id] = {pos: decode_ints(blob) or [] for pos, blob in rows}
+        return self._tokens[run_id]
+
     def add_alert(
         self,
         run_id: int,
@@ -459,6 +562,20 @@ class HistoryStore:
             )
             return int(cur.lastrowid)
 
+    def delete_empty_run(self, run_id: int) -> bool:
+        """Remove a run that holds no evaluation and no alert (a setup that failed after creating it)."""
+        with self.transaction() as c:
+            used = c.execute(
+                "SELECT (SELECT count(*) FROM evals WHERE run_id = ?) + (SELECT count(*) FROM alerts WHERE run_id = ?)",
+                (run_id, run_id),
+            ).fetchone()[0]
+            if used:
+                return False
+            c.execute("DELETE FROM run_probes WHERE run_id = ?", (run_id,))
+            c.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+        self._positions.pop(run_id, None)
+        return True
+
     def truncate_after(self, run_id: int, step: int) -> int:
         """Delete a run's evaluations and alerts after `step` (a resumed run replaces them); returns how many evals."""
         with self.transaction() as c:
@@ -473,6 +590,7 @@ class HistoryStore:
 
     # --- reading ---------------------------------------------------------------------------------------------
 
+    @_reading
     def runs(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT run_id, name, created, source, model, config FROM runs ORDER BY run_id"
@@ -489,6 +607,13 @@ class HistoryStore:
             for r in rows
         ]
 
+    @_reading
+    def run_config(self, run_id: int) -> dict[str, Any]:
+        """The config a run was recorded with ({} if none)."""
+        row = self.conn.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return json.loads(row[0] or "{}") if row else {}
+
+    @_reading
     def panel(self, run_id: int) -> list[dict[str, Any]]:
         """A run's probes in panel order: id, group, meta, tokens."""
         rows = self.conn.execute(
@@ -501,6 +626,7 @@ class HistoryStore:
             for r in rows
         ]
 
+    @_reading
     def evals(self, run_id: int) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             "SELECT eval_id, step, wall_time, duration, prefix_len, suffix_len, entropy_window, mode, spec, label"
@@ -526,6 +652,7 @@ class HistoryStore:
             out.append(d)
         return out
 
+    @_reading
     def results(self, eval_id: int) -> list[dict[str, Any]]:
         """Rows of one evaluation in panel order, with their probe_id (blobs as bytes; see decode_floats / decode_ints)."""
         row = self.conn.execute("SELECT run_id FROM evals WHERE eval_id = ?", (eval_id,)).fetchone()
@@ -541,6 +668,7 @@ class HistoryStore:
         keys = ("probe_id", *RESULT_COLUMNS)
         return [dict(zip(keys, (ids.get(r[0]), *r[1:]), strict=True)) for r in cur]
 
+    @_reading
     def probe_results(self, run_id: int, probe_id: str) -> list[dict[str, Any]]:
         """One probe's rows across a run's evaluations, by step: one key lookup per evaluation."""
         position = self.positions(run_id).get(probe_id)
@@ -558,6 +686,7 @@ class HistoryStore:
                 out.append(dict(zip(keys, (step, *r), strict=True)))
         return out
 
+    @_reading
     def alerts(self, run_id: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT run_id, step, wall_time, rule, grp, probe_ids, message, action, data FROM alerts"
         params: tuple[Any, ...] = ()
@@ -572,3 +701,89 @@ class HistoryStore:
             d["data"] = json.loads(d["data"] or "{}")
             out.append(d)
         return out
+
+
+def recover(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> dict[str, Any]:
+    """Copy what is still readable of a (damaged) history into a new one: runs, panels, evaluations whose rows all
+    read cleanly, alerts. The source is opened read-only and never changed. Returns counts of what was copied and
+    what was lost."""
+    src_path, dst_path = os.fspath(source), os.fspath(target)
+    if os.path.exists(dst_path):
+        raise HistoryError(f"{dst_path} exists; recover writes a new file (choose another name)")
+    uri = "file:" + os.path.abspath(src_path) + "?mode=ro"
+    try:
+        src = sqlite3.connect(uri, uri=True, isolation_level=None)
+        src.execute("SELECT count(*) FROM runs").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise HistoryError(f"nothing can be read from {src_path} ({exc})") from exc
+    summary = {"runs": 0, "evaluations": 0, "evaluations_lost": 0, "alerts": 0, "runs_lost": 0}
+
+    def rows(sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]] | None:
+        try:
+            return src.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError:
+            return None
+
+    dst = HistoryStore(dst_path)
+    try:
+        runs = rows("SELECT run_id, name, created, source, model, config FROM runs ORDER BY run_id") or []
+        for run_id, name, created, source_kind, model, config in runs:
+            panel = rows(
+                "SELECT rp.probe_id, rp.grp, rp.meta, p.tokens FROM run_probes rp JOIN probes p USING (probe_id)"
+                " WHERE rp.run_id = ? ORDER BY rp.position",
+                (run_id,),
+            )
+            if not panel:
+                summary["runs_lost"] += 1
+                continue
+            new_id = dst.add_run(name, source=source_kind, model=model, config=json.loads(config or "{}"))
+            with dst.transaction() as c:
+                c.execute("UPDATE runs SET created = ? WHERE run_id = ?", (created, new_id))
+            dst.add_probes(
+                new_id,
+                [
+                    (pid, decode_ints(tok) or [], grp, json.loads(meta or "{}"))
+                    for pid, grp, meta, tok in panel
+                ],
+            )
+            summary["runs"] += 1
+            evals = rows("SELECT * FROM evals WHERE run_id = ? ORDER BY step, eval_id", (run_id,)) or []
+            for ev in evals:
+                results = rows("SELECT * FROM results WHERE eval_id = ? ORDER BY position", (ev[0],))
+                if results is None or len(results) != len(panel):
+                    summary["evaluations_lost"] += 1
+                    continue
+                with dst.transaction() as c:
+                    cur = c.execute(
+                        "INSERT INTO evals (run_id, step, wall_time, duration, prefix_len, suffix_len,"
+                        " entropy_window, mode, spec, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (new_id, *ev[2:]),
+                    )
+                    eval_id = cur.lastrowid
+                    marks = ", ".join("?" * len(results[0]))
+                    c.executemany(
+                        f"INSERT INTO results VALUES ({marks})", [(eval_id, *r[1:]) for r in results]
+                    )
+                summary["evaluations"] += 1
+            alerts = rows(
+                "SELECT step, wall_time, rule, grp, probe_ids, message, action, data FROM alerts WHERE run_id = ?"
+                " ORDER BY alert_id",
+                (run_id,),
+            )
+            for step, wall, rule, grp, pids, message, action, data in alerts or []:
+                dst.add_alert(
+                    new_id,
+                    step,
+                    rule=rule,
+                    message=message,
+                    group=grp,
+                    probe_ids=json.loads(pids or "[]"),
+                    action=action,
+                    data=json.loads(data or "{}"),
+                    wall_time=wall,
+                )
+                summary["alerts"] += 1
+    finally:
+        dst.close()
+        src.close()
+    return summary

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Sequence
+
 import numpy as np
 
 __all__ = [
     "BUCKET_NAMES",
     "bucket_of_count",
     "edit_similarity",
+    "exposure",
+    "exposure_extrapolated",
+    "exposure_rank",
     "levenshtein",
     "match_count",
     "match_ratio",
@@ -161,86 +168,51 @@ def boundary_stats(profile: np.ndarray, entropy_window: int, width: int) -> tupl
     return pre, post, post - pre
 
 
-# --- exposure (Carlini et al. 2019, "The Secret Sharer") ------------------------------------------------------
-
-_LOG_SQRT_2PI = 0.5 * np.log(2 * np.pi)
+# --- exposure (Carlini et al. 2019, "The Secret Sharer"; tensorflow_privacy's secret_sharer is the reference) ------
 
 
-def log_ndtr(z: np.ndarray | float) -> np.ndarray:
-    """log Phi(z), accurate far into the left tail (asymptotic series below z = -8). float64, shape of z."""
-    import math
-
-    z = np.asarray(z, dtype=np.float64)
-    out = np.empty_like(z)
-    mid = z > -8
-    out[mid] = np.log(0.5 * np.vectorize(math.erfc, otypes=[float])(-z[mid] / np.sqrt(2.0)))
-    t = z[~mid]
-    series = 1 - 1 / t**2 + 3 / t**4 - 15 / t**6 + 105 / t**8
-    out[~mid] = -0.5 * t**2 - _LOG_SQRT_2PI - np.log(-t) + np.log(series)
-    return out
+def _finite(values: np.ndarray | Sequence[float]) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64)
+    return x[np.isfinite(x)]
 
 
-def skewnormal_fit(samples: np.ndarray) -> tuple[float, float, float]:
-    """(location xi, scale omega, shape alpha) of a skew-normal by the method of moments.
-
-    The sample skewness is clipped to +-0.99 (a skew-normal cannot be more skewed than ~0.995).
-    """
-    x = np.asarray(samples, dtype=np.float64)
-    mu, sd = float(x.mean()), float(x.std())
-    if sd == 0:
-        return mu, 1e-12, 0.0
-    g1 = float(np.clip(np.mean((x - mu) ** 3) / sd**3, -0.99, 0.99))
-    if abs(g1) < 1e-9:  # rounding-level skew: the cube root below would turn it into a visible shape
-        g1 = 0.0
-    a = abs(g1) ** (2 / 3)
-    delta = np.sign(g1) * np.sqrt((np.pi / 2) * a / (a + ((4 - np.pi) / 2) ** (2 / 3)))
-    alpha = float(delta / np.sqrt(1 - delta**2))
-    omega = sd / np.sqrt(1 - 2 * delta**2 / np.pi)
-    xi = mu - omega * delta * np.sqrt(2 / np.pi)
-    return float(xi), float(omega), alpha
+def exposure_rank(secret_nll: float, reference_nlls: np.ndarray | Sequence[float]) -> float:
+    """log2 R - log2 rank, in bits, rank = 1 + the number of the R references whose log-perplexity is <= the
+    secret's (a tie ranks the reference first, as tensorflow_privacy's compute_exposure_interpolation does when the
+    reference sorts first; not capped at R, so a secret no better than any reference has exposure <= 0)."""
+    refs = _finite(reference_nlls)
+    if not len(refs) or not np.isfinite(secret_nll):
+        return math.nan
+    rank = 1 + int((refs <= secret_nll).sum())
+    return float(np.log2(len(refs)) - np.log2(rank))
 
 
-def skewnormal_logcdf(x: float, xi: float, omega: float, alpha: float) -> float:
-    """log P(X <= x) for a skew-normal, by log-space quadrature of its density (no scipy).
+def exposure_extrapolated(secret_nll: float, reference_nlls: np.ndarray | Sequence[float]) -> float:
+    """-log2 F(secret) in bits, F the skew-normal fitted to the references by maximum likelihood
+    (scipy.stats.skewnorm.fit, as tensorflow_privacy's compute_exposure_extrapolation), evaluated in log space
+    (skewnorm.logcdf) so far tails stay finite. NaN when the references have no spread (nothing to fit)."""
+    from scipy.stats import skewnorm
 
-    The density 2 phi(z) Phi(alpha z) / omega is integrated over z up to (x - xi) / omega. In the left tail the
-    integrand decreases leftwards, so a window where it falls by e^-60 holds all the mass; elsewhere the window
-    starts at z = -40, where the mass left out is below 2 Phi(-40).
-    """
-    zx = (x - xi) / omega
-    if zx < -5:
-        span = max(0.05, float(np.sqrt(zx**2 + 120) - abs(zx)))
-        lo = zx - span
-    else:
-        lo = -40.0
-    z = np.linspace(lo, zx, 20001)
-    logf = np.log(2.0) - 0.5 * z**2 - _LOG_SQRT_2PI + log_ndtr(alpha * z)
-    # trapezoid in log space: log sum(w_i f_i) with w = dz * (1/2, 1, ..., 1, 1/2)
-    logw = np.full_like(z, np.log(z[1] - z[0]))
-    logw[[0, -1]] += np.log(0.5)
-    s = logf + logw
-    top = s.max()
-    return float(top + np.log(np.exp(s - top).sum()))
+    refs = _finite(reference_nlls)
+    if len(refs) < 3 or not np.isfinite(secret_nll) or np.ptp(refs) <= 1e-12 * max(1.0, abs(refs[0])):
+        return math.nan
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        try:
+            params = skewnorm.fit(refs)
+            logcdf = float(skewnorm.logcdf(float(secret_nll), *params))
+        except (ValueError, RuntimeError, FloatingPointError):
+            return math.nan
+    return -logcdf / math.log(2.0) if math.isfinite(logcdf) else math.nan
 
 
-def exposure(secret_nll: float, reference_nlls: np.ndarray) -> float:
-    """Exposure in bits of a secret among R reference secrets of the same format, by log-perplexity.
-
-    exposure = log2 R - log2 rank, rank = 1 + the number of references with a lower log-perplexity (capped at
-    R). A secret that beats every reference would be capped at log2 R; there the skew-normal fitted to the
-    references (method of moments) extrapolates: exposure = -log2 P(X <= secret), at least log2 R.
-    """
-    refs = np.asarray(reference_nlls, dtype=np.float64)
-    refs = refs[np.isfinite(refs)]
-    r = len(refs)
-    if r == 0 or not np.isfinite(secret_nll):
-        return float("nan")
-    rank = min(r, 1 + int((refs < secret_nll).sum()))
-    bound = float(np.log2(r) - np.log2(rank))
-    if rank > 1 or (refs < secret_nll).any():
-        return bound
-    xi, omega, alpha = skewnormal_fit(refs)
-    if omega <= 1e-12:
-        return bound
-    extrapolated = -skewnormal_logcdf(float(secret_nll), xi, omega, alpha) / np.log(2.0)
-    return float(max(bound, extrapolated))
+def exposure(secret_nll: float, reference_nlls: np.ndarray | Sequence[float]) -> float:
+    """Exposure in bits of a secret among R reference secrets of the same format, by log-perplexity: the rank form
+    (exposure_rank), and where the secret beats every reference — the rank's ceiling, log2 R — the skew-normal
+    extrapolation when it says more (exposure_extrapolated). Both are recorded on their own too."""
+    ranked = exposure_rank(secret_nll, reference_nlls)
+    refs = _finite(reference_nlls)
+    if not math.isfinite(ranked) or (refs <= secret_nll).any():
+        return ranked
+    extrapolated = exposure_extrapolated(secret_nll, refs)
+    return max(ranked, extrapolated) if math.isfinite(extrapolated) else ranked

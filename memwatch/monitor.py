@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -111,10 +112,10 @@ def _is_oom(exc: BaseException) -> bool:
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
+    if isinstance(exc, MemoryError):  # Python's own (numpy, host allocations): whatever its message
+        return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError | MemoryError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class EvaluationError(RuntimeError):
@@ -172,6 +173,9 @@ class Monitor:
             None  # the last step seen (saved with the state: a resume continues from it)
         )
         self.failures: list[str] = []  # every failure, as "step N: Type: message"
+        # What each writer lost: name -> {"count", "first_step", "last_step", "last_error"}; summarized at the end.
+        self.losses: dict[str, dict[str, Any]] = {}
+        self._incidents: dict[str, int] = {}  # repeated incidents are counted, not re-announced
         self.consecutive_failures = 0
         self.disabled = False
         self.batch_size: int | None = self.config.batch_size  # lowered on out-of-memory, then remembered
@@ -287,12 +291,15 @@ class Monitor:
     ) -> dict[str, Any]:
         cfg = self.config
         resume = start_step > 0 or source == "scan"  # a scan continues its run; a resumed training too
+        new_run = None  # the run this setup adds, removed again if the setup fails
         if cfg.history:
             from .history import HistoryStore
 
             path = cfg.history_path or os.path.join(self.output_dir, "history.sqlite")
             self.history = HistoryStore(path, timeout=self.history_timeout)
             self.run_id = self.history.find_run(self.run_name, source) if resume else None
+            if self.run_id is not None and source == "live":
+                self._check_definitions(self.history.run_config(self.run_id))
         stored = self.history.panel(self.run_id) if self.run_id is not None and source == "live" else []
         if stored:  # a resumed run keeps the probes it started with
             self.panel = Panel(Probe(tuple(p["tokens"]), p["group"], p["meta"]) for p in stored)
@@ -303,6 +310,7 @@ class Monitor:
         self._tokens = self.panel.tokens(cfg.prefix_len + cfg.suffix_len)
         self.tracker = ProbeTracker(len(self.panel))
         self._check_model(model)
+        self._check_alert_groups()
         if self.history is not None:
             if self.run_id is not None and source == "live":
                 removed = self.history.truncate_after(self.run_id, start_step)
@@ -314,18 +322,55 @@ class Monitor:
                 self.run_id = self.history.add_run(
                     self.run_name, source=source, model=model_name, config=cfg.to_dict()
                 )
+                new_run = self.run_id
             self.history.add_probes(
                 self.run_id, [(p.id, p.tokens, p.group, p.meta) for p in self.panel.probes]
             )
-        self._open_reporters(start_step if resume and source == "live" else 0)
-        if self.run_id is not None and source == "live" and resume:
-            self._replay()
+        try:
+            self._open_reporters(start_step if resume and source == "live" else 0)
+            if self.run_id is not None and source == "live" and resume:
+                self._replay()
+        except Exception:
+            if new_run is not None and self.history is not None:  # no empty run left for every report to list
+                self.history.delete_empty_run(new_run)
+            raise
         return {
             "panel": [(p.tokens, p.group, dict(p.meta)) for p in self.panel.probes],
             "tracker": self.tracker.state_dict(),
             "cadence": self.cadence.state_dict(),
             "evaluated_steps": self.evaluated_steps,
         }
+
+    def _check_alert_groups(self) -> None:
+        """A rule you configured for a group the panel does not have could never fire: say so at setup."""
+        from .config import AlertConfig
+
+        acfg, default = self.config.alerts, AlertConfig()
+        if not acfg.enabled or self.panel is None:
+            return
+        named = set(acfg.extraction_rate) if acfg.extraction_rate != default.extraction_rate else set()
+        if acfg.leak_groups != default.leak_groups:
+            named |= set(acfg.leak_groups)
+        unknown = sorted(named - set(self.panel.group_names()))
+        if unknown:
+            raise SetupError(
+                f"AlertConfig names group(s) {unknown} that the panel does not have, so those rules could never "
+                f"fire; the panel's groups are {self.panel.group_names()}"
+            )
+
+    def _check_definitions(self, stored: Mapping[str, Any]) -> None:
+        """A resumed run measures what it measured before: refuse a config that changes a definition."""
+        changed = [
+            f"{name}={value!r} (recorded with {stored[name]!r})"
+            for name, value in self.config.definitions().items()
+            if name in stored and stored[name] != value
+        ]
+        if changed:
+            raise SetupError(
+                f"resuming run {self.run_name!r} with {', '.join(changed)} would change what its numbers mean; "
+                "resume with the settings it was recorded with, or record into a new run (run_name=... or a new "
+                "output_dir)"
+            )
 
     def _replay(self) -> None:
         """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
@@ -570,13 +615,14 @@ class Monitor:
             )
         if self.tensorboard is not None:
             tb = self.tensorboard
-            sinks.add("tensorboard", lambda a: tb.write_text("alerts", f"**{a.rule}** — {a.message}", a.step))
+            # Buffered: TensorBoard keeps one text entry per tag and step, so all of a step's alerts go in one.
+            sinks.add("tensorboard", tb.add_alert, flush=tb.flush_alerts)
         if acfg.on_alert is not None:
             sinks.add("on_alert", acfg.on_alert)
         if acfg.webhook_url:
             hook = WebhookSink(acfg.webhook_url, acfg.webhook_timeout, acfg.webhook_retries, self.run_name)
             grace = min(10.0, acfg.webhook_timeout * (acfg.webhook_retries + 1) + 1)
-            sinks.add("webhook", hook, close=lambda: hook.close(grace))
+            sinks.add("webhook", hook, close=lambda: hook.close(grace), undelivered=hook.undelivered)
         self.alert_sinks = sinks
 
     def _describe(self, i: int) -> str | None:
@@ -634,6 +680,10 @@ class Monitor:
         t0 = time.perf_counter()
         record = None
         error: Exception | None = None
+        # Per-probe state advances only with an evaluation the history holds, so that a resumed run's replay
+        # and the live run agree on every transition.
+        before = self.tracker.snapshot()
+        recorded = True
         try:
             result, exposure = self._measure(model, progress)
             record = build_record(
@@ -652,13 +702,14 @@ class Monitor:
             )
             self.last_record = record
             if self.is_main:
-                self._write(record, label)
+                recorded = self._write(record, label)
                 self._alert(record)
             self.consecutive_failures = 0
         except Exception as exc:
             error = exc
             self._failed(exc, step)
             record = None
+            recorded = False
         duration = time.perf_counter() - t0
         self.cadence.evaluated(step, duration)
         # Rank 0 decides for every rank: whether the evaluation counts, what the alerts asked for, the next
@@ -672,8 +723,11 @@ class Monitor:
                 "interval": self.cadence.interval,
                 "eval_cost": self.cadence.eval_cost,
                 "error": None if error is None else f"{type(error).__name__}: {error}",
+                "recorded": recorded,
             }
         )
+        if not decided["recorded"]:
+            self.tracker.restore(before)
         self.cadence.interval, self.cadence.eval_cost = decided["interval"], decided["eval_cost"]
         self.disabled = self.disabled or decided["disabled"]
         self._paused += duration
@@ -688,48 +742,61 @@ class Monitor:
         return record
 
     def _extract(self, model: Any, tokens: np.ndarray, progress: Any, sync: Any) -> Any:
-        """memwatch.extract, halving the batch on out-of-memory down to 1 and remembering the size that worked."""
-        from .extraction import _auto_batch_size, extract
-        from .modeling import inspect_model
+        """memwatch.extract at the remembered batch size (see _backoff)."""
+        from .extraction import extract
 
         cfg = self.config
+        return self._backoff(
+            model,
+            len(tokens),
+            lambda bs: extract(
+                model,
+                tokens,
+                prefix_len=cfg.prefix_len,
+                suffix_len=cfg.suffix_len,
+                entropy_window=cfg.entropy_window,
+                batch_size=bs,
+                mode=cfg.mode,
+                amp_dtype=self.amp_dtype,
+                progress=progress,
+                sync=sync,
+            ),
+            "extraction",
+            local=sync is None,
+        )
+
+    def _backoff(
+        self, model: Any, rows: int, run: Callable[[int | None], Any], what: str, local: bool
+    ) -> Any:
+        """run(batch_size), halving the batch on out-of-memory down to 1 and remembering the size that worked.
+
+        local=False (synced forwards: FSDP, ZeRO-3): one rank cannot retry alone, the others would wait in a
+        collective; the error goes to every rank (_measure), which retries together when all ran out of memory."""
         while True:
             try:
-                result = extract(
-                    model,
-                    tokens,
-                    prefix_len=cfg.prefix_len,
-                    suffix_len=cfg.suffix_len,
-                    entropy_window=cfg.entropy_window,
-                    batch_size=self.batch_size,
-                    mode=cfg.mode,
-                    amp_dtype=self.amp_dtype,
-                    progress=progress,
-                    sync=sync,
-                )
-                return result
+                return run(self.batch_size)
             except Exception as exc:
-                if not _is_oom(exc) or sync is not None:
+                if not local or not self._halve_batch(model, rows, exc, what):
                     raise
-                if self.batch_size is None:
-                    info = inspect_model(model)
-                    self.batch_size = _auto_batch_size(
-                        info,
-                        len(tokens),
-                        cfg.prefix_len,
-                        cfg.suffix_len,
-                        cfg.entropy_window,
-                        cfg.mode,
-                        4,
-                        None,
-                    )
-                if self.batch_size <= 1:
-                    raise
-                self.batch_size = max(1, self.batch_size // 2)
-                log.warning(
-                    "memwatch: out of memory during extraction; retrying with batch_size=%d", self.batch_size
-                )
-                self._free_memory()
+
+    def _halve_batch(self, model: Any, rows: int, exc: BaseException, what: str) -> bool:
+        """After an out-of-memory error: halve the batch size (from the automatic one if none was set yet) and
+        free memory. False if the error is no out-of-memory or the batch is already 1 (give up)."""
+        if not _is_oom(exc):
+            return False
+        if self.batch_size is None:
+            from .extraction import _auto_batch_size
+            from .modeling import inspect_model
+
+            cfg = self.config
+            k, m, w = cfg.prefix_len, cfg.suffix_len, cfg.entropy_window
+            self.batch_size = _auto_batch_size(inspect_model(model), rows, k, m, w, cfg.mode, 4, None)
+        if self.batch_size <= 1:
+            return False
+        self.batch_size = max(1, self.batch_size // 2)
+        log.warning("memwatch: out of memory during %s; retrying with batch_size=%d", what, self.batch_size)
+        self._free_memory()
+        return True
 
     @staticmethod
     def _free_memory() -> None:
@@ -759,19 +826,30 @@ class Monitor:
             from .modeling import inspect_model
 
             sync = distributed.Sync(inspect_model(model).device)
-        payload: Any
-        error: Exception | None = None
-        try:
-            part = self._extract(model, self._tokens[idx], progress, sync)
-            exp = self._exposure(model, part, idx, sync=sync) if due else None
-            payload = (part.select(slice(0, real)), None if exp is None else exp[:real])
-        except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
-            error = exc
-            payload = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
-        parts = distributed.all_gather(payload)
-        failed = [p[1] for p in parts if isinstance(p[0], str)]
-        if failed:
-            raise EvaluationError("; ".join(failed)) from error
+        while True:
+            payload: Any
+            error: Exception | None = None
+            try:
+                part = self._extract(model, self._tokens[idx], progress, sync)
+                exp = self._exposure(model, part, idx, sync=sync) if due else None
+                payload = (part.select(slice(0, real)), None if exp is None else exp[:real])
+            except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
+                error = exc
+                kind = "oom" if _is_oom(exc) else "error"
+                payload = (kind, f"rank {rank}: {type(exc).__name__}: {exc}")
+            parts = distributed.all_gather(payload)
+            failed = [p for p in parts if isinstance(p[0], str)]
+            if not failed:
+                break
+            # Out of memory on every rank (synced forwards fail together): all halve the batch and retry together.
+            every_rank_oom = len(failed) == len(parts) and all(p[0] == "oom" for p in parts)
+            if (
+                sync is not None
+                and every_rank_oom
+                and self._halve_batch(model, len(idx), error, "extraction")
+            ):
+                continue
+            raise EvaluationError("; ".join(p[1] for p in failed)) from error
         result = ExtractionResult.concat([p[0] for p in parts])
         exposure = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
         return result, exposure
@@ -785,6 +863,8 @@ class Monitor:
                 self.alert_sinks.emit(alert)
             if alert.action:
                 record.actions.update(alert.action.split(","))
+        if self.alert_sinks is not None:
+            self.alert_sinks.flush()
         record.alerts = alerts
         self.alerts.extend(alerts)
 
@@ -814,13 +894,46 @@ class Monitor:
                 self.console.warn(message)
             self._record_incident(step, "monitor_disabled", message)
 
-    def _record_incident(self, step: int, rule: str, message: str) -> None:
-        """A monitor failure is an alert of its own: in the history, the JSONL file and the logs."""
+    def _record_incident(self, step: int, rule: str, message: str, key: str | None = None) -> None:
+        """A monitor failure is an alert of its own: in the history, the JSONL file and the logs. An incident
+        with the same `key` as an earlier one is only counted (the end-of-run summary reports it)."""
+        if key is not None:
+            self._incidents[key] = self._incidents.get(key, 0) + 1
+            if self._incidents[key] > 1:
+                return
         if not self.is_main or self.alert_sinks is None:
             return
         from .alerts import Alert
 
         self.alert_sinks.emit(Alert(step, rule, None, [], message))
+        self.alert_sinks.flush()
+
+    def _lost(self, writer: str, step: int, error: str) -> None:
+        entry = self.losses.setdefault(writer, {"count": 0, "first_step": step, "last_step": step})
+        entry["count"] += 1
+        entry["last_step"] = step
+        entry["last_error"] = error
+
+    def loss_summary(self) -> str | None:
+        """One paragraph: what each writer and alert sink lost during the run; None if nothing was lost."""
+        parts = []
+        total = len(self.evaluated_steps)
+        for writer, e in self.losses.items():
+            span = (
+                f"step {e['first_step']}"
+                if e["first_step"] == e["last_step"]
+                else (f"steps {e['first_step']}-{e['last_step']}")
+            )
+            parts.append(
+                f"{writer}: {e['count']} of {total} evaluation(s) not written ({span}; last error: {e['last_error']})"
+            )
+        if self.alert_sinks is not None:
+            for sink, n in self.alert_sinks.undelivered().items():
+                if n:
+                    parts.append(f"alerts not delivered to {sink}: {n}")
+        if not parts:
+            return None
+        return "memwatch lost data during this run: " + "; ".join(parts)
 
     def _exposure_due(self) -> bool:
         if self.manifest is None or not self.manifest.references or self.panel is None:
@@ -834,6 +947,15 @@ class Monitor:
     def _exposure(self, model: Any, result: Any, rows: np.ndarray, sync: Any = None) -> np.ndarray:
         """Exposure of every canary and twin among `rows` (panel indices, in the order of `result`): its secret
         ranked among R references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
+        return self._backoff(
+            model,
+            self.config.exposure_references + 1,
+            lambda bs: self._score_exposure(model, rows, bs, sync),
+            "exposure scoring",
+            local=sync is None,
+        )
+
+    def _score_exposure(self, model: Any, rows: np.ndarray, batch_size: int | None, sync: Any) -> np.ndarray:
         from .extraction import _auto_batch_size, suffix_nll_after_prefix
         from .metrics import exposure
         from .modeling import inspect_model
@@ -843,7 +965,7 @@ class Monitor:
         assert self.panel is not None and self._tokens is not None
         # One batch size for the whole pass, planned for R + 1 candidates, so that the rows a synced rank only pads
         # (no canary of its own) run the same batches as the canaries on other ranks.
-        bs = self.batch_size or _auto_batch_size(
+        bs = batch_size or _auto_batch_size(
             inspect_model(model),
             cfg.exposure_references + 1,
             k,
@@ -871,8 +993,9 @@ class Monitor:
             out[j] = exposure(float(nll[0]), nll[1:])
         return out
 
-    def _write(self, record: EvalRecord, label: str | None = None) -> None:
-        """History, TensorBoard and console, each on its own: one failing writer does not stop the others."""
+    def _write(self, record: EvalRecord, label: str | None = None) -> bool:
+        """History, TensorBoard and console, each on its own: one failing writer does not stop the others.
+        True unless the history failed to record the evaluation."""
         r = record.result
         writers: list[tuple[str, Callable[[], Any]]] = []
         if self.history is not None and self.run_id is not None:
@@ -888,6 +1011,7 @@ class Monitor:
                         wall_time=record.wall_time,
                         duration=record.duration,
                         label=label,
+                        reveal_generated=self.config.reveal_text,
                         columns={
                             "exact": r.exact,
                             "match_ratio": r.match_ratio,
@@ -906,13 +1030,16 @@ class Monitor:
             writers.append(("tensorboard", lambda: self.tensorboard.write(record)))
         if self.console is not None:
             writers.append(("console", lambda: self.console.write(record)))
+        recorded = True
         for name, write in writers:
             try:
                 write()
             except Exception as exc:
+                recorded = recorded and name != "history"
                 key = f"writer:{name}"
                 what = f"{type(exc).__name__}: {exc}"
                 self.failures.append(f"step {record.step}: {name} writer: {what}")
+                self._lost(name, record.step, what)
                 if key not in self._warned:
                     self._warned.add(key)
                     log.error(
@@ -925,10 +1052,14 @@ class Monitor:
                         self.console.warn(f"memwatch: writing the {name} failed: {what}")
                 if name != "history":
                     self._record_incident(
-                        record.step, "monitor_error", f"memwatch could not write the {name}: {what}"
+                        record.step,
+                        "monitor_error",
+                        f"memwatch could not write the {name}: {what} (repeats are counted in the summary at the end)",
+                        key=f"{key}:{type(exc).__name__}",
                     )
                 if self.config.strict:
                     raise
+        return recorded
 
     def finish(self, model: Any, step: int) -> EvalRecord | None:
         """End of training: a final evaluation (unless this step was just evaluated), then close the outputs."""
@@ -948,6 +1079,8 @@ class Monitor:
     def close(self) -> None:
         if self.alert_sinks is not None:
             self.alert_sinks.close()  # waits a bounded time for webhook posts in flight
+        if self.ready:
+            self._report_losses()
         for sink in (self.tensorboard, self.history):
             if sink is not None:
                 try:
@@ -956,6 +1089,23 @@ class Monitor:
                     log.warning("memwatch: closing %s failed: %s", type(sink).__name__, exc)
         self.tensorboard = self.history = self.alert_sinks = None
         self.ready = False
+
+    def _report_losses(self) -> None:
+        """At the end of a run, say what was lost (writers that failed, alerts not delivered): in the log, the
+        console, the failures list and, where they still work, the history's incidents and the JSONL file."""
+        summary = self.loss_summary()
+        if summary is None or not self.is_main:
+            return
+        self.failures.append(summary)
+        log.warning(summary)
+        if self.console is not None:
+            with contextlib.suppress(Exception):
+                self.console.warn(summary)
+        if self.alert_sinks is not None:
+            from .alerts import Alert
+
+            step = self.last_step if self.last_step is not None else 0
+            self.alert_sinks.emit(Alert(step, "monitor_losses", None, [], summary), only=("history", "jsonl"))
 
     # --- state for framework checkpoints (Accelerate, Lightning) ------------------------------------------------
 

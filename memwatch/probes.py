@@ -300,18 +300,22 @@ def probes_from_user(
     tokenizer: Any = None,
     default_group: str = "user",
 ) -> list[Probe]:
-    """Probes from what a user passes: texts, token-id lists, or dicts {"text"|"input_ids", "group", "meta"}."""
+    """Probes from what a user passes: texts, token-id lists, or dicts {"text"|"input_ids", "group", "meta"}.
+
+    A dict's `attention_mask`, when present, drops its padding (attention_mask == 0) from the probe's tokens."""
     out: list[Probe] = []
     for i, item in enumerate(items):
         group, meta = default_group, {}
         if isinstance(item, Probe):
             out.append(item)
             continue
+        mask = None
         if isinstance(item, Mapping):
             group = item.get("group", default_group)
             meta = dict(item.get("meta", {}))
             if "id" in item:
                 meta["user_id"] = item["id"]
+            mask = _to_list(item.get("attention_mask")) if "input_ids" in item else None
             item = item.get("input_ids", item.get("text"))
         if isinstance(item, str):
             if tokenizer is None:
@@ -326,5 +330,7 @@ def probes_from_user(
                 raise ValueError(
                     f"probe {i} must be a text, a list of token ids or a dict; got {type(item).__name__}"
                 )
+            if mask is not None and len(mask) == len(ids):  # padding (left or right) is not probe text
+                ids = [t for t, keep in zip(ids, mask, strict=True) if keep]
         out.append(Probe(tuple(ids), group, meta))
     return out

@@ -105,7 +105,7 @@ def render_text(
                 _f(row["mean_match_ratio"]),
                 _f(row["mean_edit_similarity"]),
                 _f(row["mean_suffix_nll"]),
-                _f(row["mean_exposure"], ".1f"),
+                _f(row["median_exposure"], ".1f"),
             )
         console.print(t)
         a = _pick(run, from_step, 0)
@@ -234,22 +234,37 @@ def render_csv(history: History) -> str:
 
 
 def write_pythia_csv(history: History, out_dir: str) -> list[str]:
-    """Pythia-style memorization scores: one `index,score` CSV per evaluation (checkpoint).
+    """Pythia-style memorization scores: one `index,score` CSV per evaluation (checkpoint), over the training
+    sequences (the `train` group).
 
-    index: the probe's position in its source dataset when known (sampled windows), else in the panel;
-    score: the match ratio (Biderman et al. 2023's memorization score).
+    index: the probe's row in its source dataset when known (sampled windows), else its panel position; an example
+    that gave several windows is scored once, by its first window (Pythia scores a sequence from its start).
+    score: the match ratio (Biderman et al. 2023's memorization score), which needs mode "full".
     """
+    runs = history.all_runs()
+    exact_mode = [r.name for r in runs if any(spec.get("mode") == "exact" for spec in r.specs)]
+    if exact_mode:
+        raise ValueError(
+            f"pythia-csv writes match ratios, which mode 'exact' does not measure (run {exact_mode[0]!r}); "
+            "scan the checkpoints with --mode full for Pythia-style scores"
+        )
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for run in history.all_runs():
-        index = [int(m.get("source_index", i)) for i, m in enumerate(run.metas)]
+    for run in runs:
+        first: dict[int, int] = {}  # source index -> the panel row of its first window
+        for i in np.flatnonzero(run.groups == "train").tolist():
+            meta = run.metas[i]
+            index = int(meta.get("source_index", i))
+            j = first.get(index)
+            if j is None or int(meta.get("start", 0)) < int(run.metas[j].get("start", 0)):
+                first[index] = i
         for e, step in enumerate(run.steps.tolist()):
             path = os.path.join(out_dir, f"{_slug(run.name)}-step{step}.csv")
             with open(path, "w", newline="") as f:
                 w = csv.writer(f, lineterminator="\n")
                 w.writerow(["index", "score"])
-                for i in np.argsort(index, kind="stable"):
-                    w.writerow([index[i], repr(float(run.match_ratio[e, i]))])
+                for index in sorted(first):
+                    w.writerow([index, repr(float(run.match_ratio[e, first[index]]))])
             paths.append(path)
     return paths
 
@@ -393,7 +408,7 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                             [
                                 next(
                                     (
-                                        r["mean_exposure"]
+                                        r["median_exposure"]
                                         for r in tier_rows
                                         if r["step"] == st and r["repetitions"] == rep
                                     ),
@@ -422,7 +437,7 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                         _f(r["mean_match_ratio"]),
                         _f(r["mean_edit_similarity"]),
                         _f(r["mean_suffix_nll"]),
-                        _f(r["mean_exposure"], ".1f"),
+                        _f(r["median_exposure"], ".1f"),
                     ]
                     for r in series
                 ],
@@ -457,8 +472,8 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                             f"{r['repetitions']}x",
                             f"{r['inserted_extracted']}/{r['inserted']}",
                             f"{r['twins_extracted']}/{r['twins']}",
-                            _f(r["mean_exposure"], ".1f"),
-                            _f(r["twins_mean_exposure"], ".1f"),
+                            _f(r["median_exposure"], ".1f"),
+                            _f(r["twins_median_exposure"], ".1f"),
                             r["first_memorized_step"] if r["first_memorized_step"] is not None else "-",
                         ]
                         for r in tier_rows
@@ -541,7 +556,7 @@ def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
         "mean_match_ratio",
         "mean_edit_similarity",
         "mean_suffix_nll",
-        "mean_exposure",
+        "median_exposure",
     )
     final = []
     for g in groups:
@@ -595,7 +610,7 @@ def render_compare(d: dict[str, Any], width: int = 120) -> str:
             ("mean_match_ratio", "match ratio", ".3f"),
             ("mean_edit_similarity", "edit similarity", ".3f"),
             ("mean_suffix_nll", "suffix NLL", ".3f"),
-            ("mean_exposure", "exposure (bits)", ".1f"),
+            ("median_exposure", "exposure (bits)", ".1f"),
         ):
             v = row[m]
             if v["a"] is None and v["b"] is None:

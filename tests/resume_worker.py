@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _models import VOCAB, tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from memwatch import MemWatchCallback, MonitorConfig
+from memwatch import AlertConfig, MemWatchCallback, MonitorConfig
 
 
 class KillAt(TrainerCallback):
@@ -55,7 +55,13 @@ def main() -> None:
         callbacks.append(
             MemWatchCallback(
                 MonitorConfig(
-                    every_n_steps=10, prefix_len=16, suffix_len=16, console=False, run_name="resume-test"
+                    every_n_steps=10,
+                    prefix_len=16,
+                    suffix_len=16,
+                    console=False,
+                    run_name="resume-test",
+                    # rules that fire before and after the checkpoint, with cooldowns spanning it
+                    alerts=AlertConfig(extraction_rate={"train": 0.05}, spike_min_evals=2, cooldown=2),
                 )
             )
         )
@@ -63,6 +69,17 @@ def main() -> None:
         callbacks.append(KillAt(55))
     trainer = Trainer(model=tiny_model("gpt2"), args=args, train_dataset=rows, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=os.path.join(out, "checkpoint-40") if mode == "resume" else None)
+    if (
+        callbacks
+        and isinstance(callbacks[0], MemWatchCallback)
+        and callbacks[0].monitor.alert_engine is not None
+    ):
+        import json
+
+        with open(
+            os.path.join(out, "alert_state.json"), "w"
+        ) as f:  # rules' baselines, armed flags, cooldowns
+            json.dump(callbacks[0].monitor.alert_engine.state_dict(), f, sort_keys=True)
 
 
 if __name__ == "__main__":

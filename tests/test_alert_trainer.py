@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from test_alerts import _Server
 from test_canary_trainer import K, M, canary_setup, make_trainer
@@ -89,7 +90,42 @@ def test_training_goes_on_while_a_webhook_post_is_held_open(tmp_path):
         server.close()
 
 
+def _encodings(tokens: list[int]) -> list[bytes]:
+    """A token-id sequence as it could leak: as text (byte-level ids are the text's bytes), as packed int32/int64/
+    float32/float64 arrays, and as printed lists."""
+    import struct
+
+    out = [bytes(t for t in tokens if t < 256)]
+    for fmt in ("<i", "<q", "<f", "<d"):
+        out.append(b"".join(struct.pack(fmt, t) for t in tokens))
+    for sep in (", ", ",", " "):
+        out.append(sep.join(map(str, tokens)).encode())
+    return out
+
+
+def _history_outside_the_probes_table(path) -> list[tuple[str, bytes]]:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    out = []
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        if table == "probes":  # the probes themselves: the one place their tokens live
+            continue
+        for row in con.execute(f"SELECT * FROM {table}"):
+            for value in row:
+                data = value if isinstance(value, bytes) else str(value).encode()
+                out.append((f"history:{table}", data))
+    con.close()
+    return out
+
+
 def _collect_everything(tmp_path, capsys, caplog, reveal):
+    """Every sink a run writes, as (source, bytes): stdout and stderr, logs, alerts (JSONL, callable, webhook
+    payloads, the history's table), the reports in every format, every TensorBoard event file whole (text,
+    histograms, images) and every table of the history but `probes`."""
+    from memwatch.cli import main
+
     server = _Server()
     received = []
     try:
@@ -115,41 +151,48 @@ def _collect_everything(tmp_path, capsys, caplog, reveal):
         with caplog.at_level("INFO", logger="memwatch"):
             make_trainer(tmp_path, data, [cb], steps=150).train()
         assert {a.rule for a in received} >= {"canary_extracted", "exposure", "extraction_rate"}
-        texts = [capsys.readouterr().err, caplog.text, (tmp_path / "memwatch" / "alerts.jsonl").read_text()]
-        texts += [json.dumps(a.to_dict()) for a in received]
-        texts += [json.dumps(b["json"]) for b in server.bodies]
+        captured = capsys.readouterr()
+        sinks = [("stdout", captured.out.encode()), ("stderr", captured.err.encode())]
+        sinks.append(("logs", caplog.text.encode()))
+        sinks.append(("alerts.jsonl", (tmp_path / "memwatch" / "alerts.jsonl").read_bytes()))
+        sinks += [("on_alert", json.dumps(a.to_dict()).encode()) for a in received]
+        sinks += [("webhook", json.dumps(b["json"]).encode()) for b in server.bodies]
+        history = tmp_path / "memwatch" / "history.sqlite"
+        sinks += _history_outside_the_probes_table(history)
+        for fmt in ("text", "json", "csv", "html"):
+            out = tmp_path / f"report.{fmt}"
+            assert main(["report", str(history), "--format", fmt, "--out", str(out)]) == 0
+            sinks.append((f"report:{fmt}", out.read_bytes()))
+        assert (
+            main(["report", str(history), "--format", "pythia-csv", "--out", str(tmp_path / "pythia")]) == 0
+        )
+        sinks += [("pythia-csv", p.read_bytes()) for p in (tmp_path / "pythia").iterdir()]
+        for root, _dirs, files in os.walk(tmp_path / "memwatch" / "tb"):
+            sinks += [(f"tensorboard:{f}", Path(root, f).read_bytes()) for f in files]
         with History(tmp_path) as h:
-            texts.append(json.dumps(h.store.alerts()))
-            texts.append(json.dumps(report_dict(h)))
-            train_windows = [
-                bytes(t).decode("utf-8", "replace")
-                for t, g in zip(h.run().tokens, h.run().groups, strict=True)
-                if g == "train"
-            ]
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(tmp_path / "memwatch" / "tb"), size_guidance={"tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["tensors"]:
-            if "alerts" in tag:
-                texts += [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)]
-        return "\n".join(texts), manifest, train_windows
+            run = h.run()
+            train_windows = [list(t) for t, g in zip(run.tokens, run.groups, strict=True) if g == "train"]
+        text = "\n".join(d.decode("utf-8", "replace") for _s, d in sinks)
+        return sinks, text, manifest, train_windows
     finally:
         server.close()
 
 
 def test_no_secret_or_training_text_reaches_any_sink_by_default(tmp_path, capsys, caplog):
-    everything, manifest, windows = _collect_everything(tmp_path, capsys, caplog, reveal=False)
-    assert "became extractable" in everything  # the sinks did receive alerts
-    for c in manifest.canaries:
-        secret = c.text[c.secret_char :].strip()
-        assert secret not in everything, c.id
-        assert c.text[: c.secret_char][-12:] not in everything  # nor the sentence around it
-    for w in windows:
-        assert w[-12:] not in everything
+    sinks, text, manifest, windows = _collect_everything(tmp_path, capsys, caplog, reveal=False)
+    assert "became extractable" in text  # the sinks did receive alerts
+    assert any(s.startswith("history:results") for s, _d in sinks) and any("tfevents" in s for s, _d in sinks)
+    secrets = [list(c.secret) for c in manifest.canaries]
+    contexts = [list(c.tokens[c.secret_start - 12 : c.secret_start]) for c in manifest.canaries]
+    # training text: each window's suffix (what extraction reproduces) and its last 12 tokens
+    train = [w[K : K + M] for w in windows] + [w[-12:] for w in windows]
+    for tokens in secrets + contexts + train:
+        for encoded in _encodings(tokens):
+            leaks = [source for source, data in sinks if encoded in data]
+            assert not leaks, (bytes(tokens), encoded[:40], leaks)
 
 
 def test_reveal_text_shows_the_secrets(tmp_path, capsys, caplog):
-    everything, manifest, _ = _collect_everything(tmp_path, capsys, caplog, reveal=True)
-    revealed = [c for c in manifest.inserted if c.text[c.secret_char :].strip() in everything]
+    _sinks, text, manifest, _ = _collect_everything(tmp_path, capsys, caplog, reveal=True)
+    revealed = [c for c in manifest.inserted if c.text[c.secret_char :].strip() in text]
     assert revealed  # the check above can fail: with reveal_text the secrets do appear

@@ -15,6 +15,7 @@ from memwatch.alerts import AlertEngine, WebhookSink
 from memwatch.config import ConfigError
 from memwatch.evaluation import ProbeTracker, build_record
 from memwatch.extraction import ExtractionResult
+from memwatch.history import HistoryStore
 
 M = 4
 
@@ -250,6 +251,13 @@ def test_disabled_and_actions():
         ({"actions": {"canary": ("stop_training",)}}, "unknown rule 'canary'"),
         ({"actions": {"spike": "stop_training"}}, "must be a tuple of"),
         ({"webhook_url": "ftp://x"}, "http:// or https:// URL"),
+        ({"webhook_url": "http://"}, "a URL with a host name"),
+        ({"webhook_url": "https://hooks.example/T0 /SECRET"}, "without spaces"),
+        ({"webhook_timeout": 0}, r"webhook_timeout must be seconds in \(0, 300\]"),
+        ({"webhook_timeout": float("inf")}, "webhook_timeout must be seconds"),
+        ({"webhook_retries": 10**9}, "webhook_retries must be at most 10"),
+        ({"spike_z": float("nan")}, "spike_z must be a finite number"),
+        ({"exposure_bits": float("nan")}, "positive number of bits or None"),
         ({"hysteresis": 1.5}, "hysteresis must be below 1"),
         ({"exposure_bits": 0}, "positive number of bits or None"),
         ({"on_alert": 3}, "must be callable"),
@@ -257,15 +265,44 @@ def test_disabled_and_actions():
     ],
 )
 def test_alert_config_validation(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         AlertConfig(**kwargs)
+    assert "SECRET" not in str(err.value)  # a rejected webhook URL is never echoed (its path is a token)
     with pytest.raises(ConfigError, match=r"memwatch\.AlertConfig"):
         MonitorConfig(alerts={"enabled": True})
 
 
-def test_webhook_url_is_never_stored():
-    cfg = MonitorConfig(alerts=AlertConfig(webhook_url="https://hooks.example/T000/SECRET"))
-    assert "SECRET" not in json.dumps(cfg.to_dict())
+def test_webhook_url_is_never_stored(tmp_path):
+    """Checked in what a real run writes (the history file with its WAL, the JSONL alerts), not only in the config."""
+    from _models import memorizing_panel, trained_model
+
+    from memwatch import Monitor
+
+    server = _Server()
+    try:
+        url = server.url + "/T000/SECRET-TOKEN"
+        cfg = MonitorConfig(
+            prefix_len=16,
+            suffix_len=16,
+            entropy_window=8,
+            console=False,
+            tensorboard=False,
+            alerts=AlertConfig(webhook_url=url),
+        )
+        assert "SECRET" not in json.dumps(cfg.to_dict())
+        train, _ = memorizing_panel(16, 16)
+        monitor = Monitor(cfg)
+        model = trained_model("gpt2", 16, 16)
+        monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in train])
+        written = [tmp_path / "memwatch" / name for name in ("history.sqlite", "history.sqlite-wal")]
+        assert monitor.evaluate(model, 0).alerts
+        files = [p.read_bytes() for p in [*written, tmp_path / "memwatch" / "alerts.jsonl"] if p.exists()]
+        monitor.close()
+        files.append(written[0].read_bytes())
+        assert len(server.bodies) == 1  # the hook was used
+        assert not any(b"SECRET-TOKEN" in data for data in files)
+    finally:
+        server.close()
 
 
 # --- webhook against a real HTTP server -----------------------------------------------------------------------
@@ -397,3 +434,40 @@ def test_console_alerts_show_brackets_as_text():
     reporter.alert(Alert(3, "leak", "heldout", ["p"], "step 3: p0 [prefix 'a[/]b', suffix 'c']"))
     reporter.warn("writing [the history] failed")
     assert "[prefix 'a[/]b', suffix 'c']" in out.getvalue() and "[the history]" in out.getvalue()
+
+
+@pytest.mark.monitor_failures
+def test_posts_in_flight_at_shutdown_are_counted_and_reported(tmp_path, caplog):
+    """A server that never answers: at the end the posts still in flight are abandoned, and the run says so (sent,
+    failed, abandoned), in the log and in the monitor's end-of-run summary."""
+    from _models import memorizing_panel, trained_model
+
+    from memwatch import Monitor
+
+    release = threading.Event()
+    server = _Server(hold=lambda body: release.wait(120))
+    try:
+        train, _ = memorizing_panel(16, 16)
+        cfg = MonitorConfig(
+            prefix_len=16,
+            suffix_len=16,
+            entropy_window=8,
+            console=False,
+            tensorboard=False,
+            alerts=AlertConfig(webhook_url=server.url, webhook_timeout=60, webhook_retries=0),
+        )
+        monitor = Monitor(cfg)
+        model = trained_model("gpt2", 16, 16)
+        monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in train])
+        record = monitor.evaluate(model, 0)
+        assert record.alerts  # every train window is extracted: the extraction-rate alert fires
+        with caplog.at_level("INFO", logger="memwatch"):
+            monitor.close()  # waits min(10, 60 + 1) s at most
+        n = len(record.alerts)
+        assert f"0 alert(s) sent, 0 failed, {n} abandoned at shutdown" in caplog.text
+        assert f"alerts not delivered to webhook: {n}" in monitor.failures[-1]
+        with HistoryStore(tmp_path / "memwatch" / "history.sqlite", readonly=True) as h:
+            assert any(a["rule"] == "monitor_losses" and "webhook" in a["message"] for a in h.alerts())
+    finally:
+        release.set()
+        server.close()

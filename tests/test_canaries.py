@@ -9,48 +9,86 @@ import sysconfig
 
 import numpy as np
 import pytest
+from scipy.stats import skewnorm
 
 import memwatch
 from memwatch.bytetok import ByteTokenizer
 from memwatch.canaries import CanaryError, CanaryManifest, inject, make_canaries, preflight
-from memwatch.metrics import exposure, skewnormal_fit, skewnormal_logcdf
+from memwatch.metrics import exposure, exposure_extrapolated, exposure_rank
 
 # --- exposure ---------------------------------------------------------------------------------------------------
 
 
 def test_exposure_rank_form_by_hand():
     refs = np.arange(1.0, 9.0)  # R = 8 references with log-perplexities 1..8
-    assert exposure(4.5, refs) == pytest.approx(3 - math.log2(5))  # 4 beat it: rank 5
-    assert exposure(8.5, refs) == 0.0  # worse than all: rank capped at R
-    assert exposure(1.5, refs) == pytest.approx(3 - math.log2(2))
-    assert math.isnan(exposure(1.0, []))
+    assert exposure_rank(4.5, refs) == pytest.approx(3 - math.log2(5))  # 4 references at or below it: rank 5
+    assert exposure_rank(4.0, refs) == pytest.approx(3 - math.log2(5))  # a tie ranks the reference first
+    assert exposure_rank(8.5, refs) == pytest.approx(
+        3 - math.log2(9)
+    )  # worse than all: rank R + 1, not capped
+    assert exposure_rank(0.5, refs) == pytest.approx(3.0)
+    assert math.isnan(exposure_rank(1.0, [])) and math.isnan(exposure(1.0, []))
     assert memwatch.exposure is exposure
 
 
-def test_exposure_extrapolation_by_hand():
-    """References symmetric about 5 have zero skew: the fit is a normal and exposure = -log2 Phi(z)."""
-    half = np.linspace(0.05, 3.0, 500)
-    refs = np.concatenate([5 - half, 5 + half])
-    mu, sigma = refs.mean(), refs.std()
-    xi, omega, alpha = skewnormal_fit(refs)
-    assert alpha == 0.0 and xi == pytest.approx(mu) and omega == pytest.approx(sigma)
-    # Just past every reference, the fit would say less than the rank bound: the bound stands.
-    assert exposure(0.5, refs) == pytest.approx(math.log2(len(refs)))
-    for secret in (-5.0, -20.0):
-        z = (secret - mu) / sigma
-        expected = -math.log(0.5 * math.erfc(-z / math.sqrt(2))) / math.log(2)
-        assert exposure(secret, refs) == pytest.approx(expected, rel=1e-4)
-        assert exposure(secret, refs) > math.log2(len(refs))
+def test_a_secret_tied_with_identical_references_has_no_exposure():
+    """A degenerate model scores every secret the same: no exposure and no extrapolation (today: 9.97 bits)."""
+    refs = np.full(1000, 2.0)
+    assert exposure_rank(2.0, refs) == pytest.approx(math.log2(1000) - math.log2(1001))
+    assert exposure(2.0, refs) <= 0
+    assert math.isnan(exposure_extrapolated(2.0, refs)) and math.isnan(exposure_extrapolated(1.0, refs))
 
 
-def test_skewnormal_tail_against_direct_quadrature():
-    for alpha in (-3.0, -0.5, 0.7, 4.0):
-        for zx in (-3.0, -1.0, 0.5):
-            z = np.linspace(-30, zx, 400001)
-            phi = np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
-            cdf_alpha = 0.5 * np.vectorize(math.erfc)(-alpha * z / math.sqrt(2))
-            direct = np.trapezoid(2 * phi * cdf_alpha, z)
-            assert skewnormal_logcdf(zx, 0.0, 1.0, alpha) == pytest.approx(math.log(direct), rel=1e-4)
+def _tf_privacy_interpolation(secrets, refs):
+    """tensorflow_privacy's compute_exposure_interpolation, written out: sort secrets and references together,
+    rank = 1 + references before the secret (references placed first, so a tie ranks the reference first)."""
+    values = np.concatenate([refs, secrets])
+    is_ref = np.concatenate([np.ones(len(refs), bool), np.zeros(len(secrets), bool)])
+    order = np.argsort(values, kind="stable")
+    before = np.cumsum(is_ref[order])
+    ranks = np.empty(len(values))
+    ranks[order] = before + 1
+    return np.log2(len(refs)) - np.log2(ranks[len(refs) :])
+
+
+def _tf_privacy_extrapolation(secrets, refs):
+    """tensorflow_privacy's compute_exposure_extrapolation: skewnorm fitted by scipy's MLE, -log2 cdf."""
+    params = skewnorm.fit(refs)
+    return -np.log2(skewnorm.cdf(secrets, *params))
+
+
+@pytest.mark.parametrize("shape", ["normal", "right-skewed"])
+def test_exposure_agrees_with_tensorflow_privacy(shape):
+    rng = np.random.default_rng(0)
+    if shape == "normal":
+        refs = rng.normal(5.0, 0.7, 1000)
+    else:
+        refs = skewnorm.rvs(6.0, loc=3.0, scale=1.5, size=1000, random_state=rng)
+    refs = np.round(refs, 3)  # rounded log-perplexities give ties
+    secrets = np.concatenate([refs[:5], np.quantile(refs, [0.001, 0.01, 0.2, 0.9]), [refs.min() - 0.5]])
+    np.testing.assert_allclose(
+        [exposure_rank(x, refs) for x in secrets], _tf_privacy_interpolation(secrets, refs), atol=1e-12
+    )
+    far = np.array([refs.min() - 0.3, refs.min() - 1.0, refs.min() - 2.0])
+    reference = _tf_privacy_extrapolation(far, refs)
+    ours = np.array([exposure_extrapolated(x, refs) for x in far])
+    finite = np.isfinite(reference)
+    assert finite.any() and np.abs(ours[finite] - reference[finite]).max() < 1.0
+    assert (ours > math.log2(1000)).all() and np.isfinite(ours).all()  # log space: no overflow to inf
+    # The headline takes the extrapolation only where the secret beats every reference.
+    assert exposure(far[0], refs) == pytest.approx(max(math.log2(1000), ours[0]))
+    assert exposure(secrets[7], refs) == pytest.approx(exposure_rank(secrets[7], refs))
+
+
+def test_tiers_aggregate_exposure_by_the_median():
+    """One extrapolated canary at 190 bits does not set its tier's curve."""
+    from memwatch.evaluation import tier_rows
+
+    groups = np.array(["canary"] * 3 + ["canary_heldout"] * 3, dtype=object)
+    metas = [{"repetitions": 4}] * 6
+    exposures = np.array([1.0, 2.0, 190.0, 0.1, 0.2, 0.3])
+    rows = tier_rows(0, groups, metas, np.zeros(6, bool), None, exposures, np.full(6, -1))
+    assert rows[0]["median_exposure"] == 2.0 and rows[0]["twins_median_exposure"] == pytest.approx(0.2)
 
 
 # --- generation -------------------------------------------------------------------------------------------------

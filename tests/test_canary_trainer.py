@@ -111,7 +111,7 @@ def test_dose_response_exposure_and_twins(tmp_path):
         and last["inserted_extracted"] == 1
         and last["twins_extracted"] == 0
     )
-    assert last["mean_exposure"] >= math.log2(REFS) and last["first_memorized_step"] is not None
+    assert last["median_exposure"] >= math.log2(REFS) and last["first_memorized_step"] is not None
     assert json.dumps(report)  # serializable
     # The probes are the canaries as found in the training data.
     assert cb.monitor.preflight_report.found == {c.id: c.repetitions for c in manifest.inserted}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,14 +55,25 @@ def single_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2", "fsdp1-oom"])
 def test_two_processes_produce_the_one_process_history(kind, single_process, tmp_path):
-    launch("monitor", kind, tmp_path, 2)
+    stdout = launch("monitor", kind, tmp_path, 2)
+    said = {
+        (int(r), int(st)): (a, int(b))
+        for r, st, a, b in re.findall(r"rank (\d) step (\d) actions (\[.*?\]) batch (\d+)", stdout)
+    }
+    # Alert actions are rank 0's decision, broadcast: every rank is told to stop when the train extraction rate
+    # alert fires (step 0), and no rank at the other steps.
+    for step, actions in ((0, "['stop_training']"), (1, "[]"), (2, "[]")):
+        assert said[(0, step)][0] == said[(1, step)][0] == actions, stdout
+    # fsdp1-oom: every rank ran out of memory at 3 rows and all retried together, down to 1.
+    assert {b for _a, b in said.values()} == ({1} if kind.endswith("-oom") else {3}), stdout
     with History(tmp_path) as h:
         assert len(h.runs) == 1  # rank 0 alone wrote
         run = h.run("dist")
     ref = single_process
     assert run.ids == ref.ids and run.steps.tolist() == ref.steps.tolist() == [0, 1, 2, 3]
+    assert len(run.ids) % 2 == 1  # the panel does not divide by two ranks: the last shard was padded
     assert run.group_names() == ["canary", "canary_heldout", "train", "partial"]
     np.testing.assert_array_equal(run.exact, ref.exact)
     np.testing.assert_array_equal(run.generated, ref.generated)
@@ -72,6 +84,36 @@ def test_two_processes_produce_the_one_process_history(kind, single_process, tmp
     assert np.isfinite(run.exposure[:, np.isin(run.groups, ["canary", "canary_heldout"])]).all()
     # The monitor saw the model change between evaluations (the comparison is not of one frozen model).
     assert not np.allclose(ref.suffix_nll[0], ref.suffix_nll[-1])
+
+
+@pytest.mark.slow
+def test_a_setup_error_on_rank_0_reaches_every_rank(tmp_path):
+    stdout = launch("setup_error", "ddp", tmp_path, 2)
+    for rank in (0, 1):
+        assert f"rank {rank} SetupError: cannot create the history" in stdout, stdout
+
+
+@pytest.mark.slow
+def test_every_rank_follows_rank_0s_adaptive_interval(tmp_path):
+    stdout = launch("adaptive", "ddp", tmp_path, 2)
+    lines = {
+        line.split()[1]: line.split(" evaluated ")[1] for line in stdout.splitlines() if " evaluated " in line
+    }
+    assert set(lines) == {"0", "1"} and lines["0"] == lines["1"], stdout
+    assert "interval None" not in lines["0"]
+
+
+@pytest.mark.slow
+def test_a_trainer_under_ddp_measures_what_one_process_measures(tmp_path):
+    launch("trainer", "none-frozen", tmp_path / "one", 1)
+    launch("trainer", "ddp-frozen", tmp_path / "two", 2)
+    with History(tmp_path / "one") as a, History(tmp_path / "two") as b:
+        one, two = a.run(), b.run()
+    assert one.ids == two.ids and one.steps.tolist() == two.steps.tolist() == [0, 4, 8, 12]
+    np.testing.assert_array_equal(one.exact, two.exact)
+    np.testing.assert_array_equal(one.generated, two.generated)
+    np.testing.assert_allclose(one.suffix_nll, two.suffix_nll, atol=1e-6)
+    np.testing.assert_allclose(one.entropy, two.entropy, atol=1e-6)
 
 
 @pytest.mark.slow

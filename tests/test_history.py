@@ -7,7 +7,14 @@ import stat
 import numpy as np
 import pytest
 
-from memwatch.history import SCHEMA_VERSION, HistoryError, HistoryStore, decode_floats, decode_ints
+from memwatch.history import (
+    SCHEMA_VERSION,
+    HistoryError,
+    HistoryStore,
+    decode_floats,
+    decode_ints,
+    reveal_matches,
+)
 
 SPEC = {"prefix_len": 4, "suffix_len": 3, "entropy_window": 2, "mode": "full"}
 
@@ -41,15 +48,32 @@ def _store_with_run(path, n=5):
 def test_round_trip(tmp_path):
     h, run = _store_with_run(tmp_path / "h.sqlite")
     cols = _columns(5)
+    cols["generated"][:, 1] = 9  # the second token reproduced in every row
     eid = h.add_evaluation(
-        run, 10, spec=SPEC, probe_ids=[f"p{i}" for i in range(5)], columns=cols, duration=1.5
+        run,
+        10,
+        spec=SPEC,
+        probe_ids=[f"p{i}" for i in range(5)],
+        columns=cols,
+        duration=1.5,
+        reveal_generated=True,
     )
+    hidden = h.add_evaluation(run, 11, spec=SPEC, probe_ids=[f"p{i}" for i in range(5)], columns=cols)
+    for r in h.results(
+        hidden
+    ):  # by default the tokens that differ from the probe's suffix are not kept either
+        assert decode_ints(r["generated"])[1] == -1 and set(decode_ints(r["generated"])) <= {-1, -2}
     rows = h.results(eid)
     assert [r["probe_id"] for r in rows] == [f"p{i}" for i in range(5)]
     for i, r in enumerate(rows):
         assert r["exact"] == int(cols["exact"][i])
         assert r["match_ratio"] == pytest.approx(float(cols["match_ratio"][i]))
-        assert decode_ints(r["generated"]) == cols["generated"][i].tolist()
+        # Stored with every token equal to the probe's own suffix hidden (the probes table holds it), revealed on
+        # read: the probe tokens are [i, i+1, i+2, 7, 8, 9, 10] and k = 4, m = 3.
+        suffix = [8, 9, 10]
+        stored = decode_ints(r["generated"])
+        assert stored == [-1 if g == t else g for g, t in zip(cols["generated"][i], suffix, strict=True)]
+        assert reveal_matches(stored, suffix).tolist() == cols["generated"][i].tolist()
         np.testing.assert_allclose(decode_floats(r["entropy"]), cols["entropy"][i])
         assert r["exposure"] is None
     assert h.panel(run)[3] == {
@@ -59,7 +83,7 @@ def test_round_trip(tmp_path):
         "tokens": [3, 4, 5, 7, 8, 9, 10],
     }
     ev = h.evals(run)
-    assert len(ev) == 1 and ev[0]["step"] == 10 and ev[0]["spec"] == SPEC and ev[0]["duration"] == 1.5
+    assert len(ev) == 2 and ev[0]["step"] == 10 and ev[0]["spec"] == SPEC and ev[0]["duration"] == 1.5
     assert h.runs()[0]["config"] == {"a": 1}
     h.close()
 
@@ -201,3 +225,110 @@ def test_read_only_directory(tmp_path):
             HistoryStore(ro / "h.sqlite")
     finally:
         ro.chmod(0o700)
+
+
+def _damaged_history(path, n=400, evals=12):
+    """A real history of several runs, then 16 KiB in the middle of the file overwritten (a bad disk sector)."""
+    h, run = _store_with_run(path, n=n)
+    ids = [f"p{i}" for i in range(n)]
+    for step in range(evals):
+        h.add_evaluation(run, step, spec=SPEC, probe_ids=ids, columns=_columns(n, step))
+    h.close()  # the last connection checkpoints the WAL into the file
+    assert not os.path.exists(str(path) + "-wal") or os.path.getsize(str(path) + "-wal") == 0
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek((size // 2) // 16384 * 16384)
+        f.write(np.random.default_rng(0).integers(0, 256, 16384, dtype=np.uint8).tobytes())
+    return path
+
+
+def test_a_history_damaged_mid_file_is_refused_untouched_and_recoverable(tmp_path):
+    from memwatch.history import recover
+
+    path = _damaged_history(tmp_path / "h.sqlite")
+    before = path.read_bytes()
+    for readonly in (False, True):
+        with pytest.raises(HistoryError, match="is damaged") as err:
+            HistoryStore(path, readonly=readonly)
+        assert "memwatch recover" in str(err.value) and "\n" not in str(err.value)
+    assert path.read_bytes() == before
+    assert not os.path.exists(str(path) + "-wal") or os.path.getsize(str(path) + "-wal") == 0
+    got = recover(path, tmp_path / "new.sqlite")
+    assert path.read_bytes() == before
+    assert got["runs"] == 1 and got["evaluations"] + got["evaluations_lost"] == 12
+    assert got["evaluations_lost"] >= 1 and got["evaluations"] >= 1
+    with HistoryStore(tmp_path / "new.sqlite", readonly=True) as new:
+        evals = new.evals(new.runs()[0]["run_id"])
+        assert len(evals) == got["evaluations"]
+        assert all(len(new.results(e["eval_id"])) == 400 for e in evals)
+    with pytest.raises(HistoryError, match="exists"):
+        recover(path, tmp_path / "new.sqlite")
+
+
+_WRITER = """
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_history import SPEC, _columns, _store_with_run
+
+path, mode = sys.argv[1], sys.argv[2]
+h, run = _store_with_run(path, n=200)
+ids = [f"p{{i}}" for i in range(200)]
+for step in range(3):
+    h.add_evaluation(run, step, spec=SPEC, probe_ids=ids, columns=_columns(200, step))
+if mode == "kill-mid-write":
+    real = h.conn.executemany
+
+    class Killer:  # the connection's executemany, cut by SIGKILL half-way through the results of step 3
+        def __getattr__(self, name):
+            return getattr(h.conn_real, name)
+
+        def executemany(self, sql, rows):
+            rows = list(rows)
+            if sql.startswith("INSERT INTO results"):
+                real(sql, rows[: len(rows) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(sql, rows)
+
+    h.conn_real = h.conn
+    h.conn = Killer()
+    h.add_evaluation(run, 3, spec=SPEC, probe_ids=ids, columns=_columns(200, 3))
+os._exit(0)  # no close: the last transactions live in the WAL only
+"""
+
+
+def _killed_writer(tmp_path, mode):
+    import subprocess
+    import sys
+
+    path = tmp_path / "h.sqlite"
+    script = _WRITER.format(tests=os.path.dirname(__file__))
+    subprocess.run([sys.executable, "-c", script, str(path), mode], check=False, timeout=300)
+    return path
+
+
+def test_an_evaluation_cut_by_sigkill_in_the_middle_of_its_write_is_not_half_recorded(tmp_path):
+    path = _killed_writer(tmp_path, "kill-mid-write")
+    assert os.path.getsize(str(path) + "-wal") > 0  # the run died with its WAL not checkpointed
+    with HistoryStore(path, readonly=True) as h:
+        run = h.runs()[0]["run_id"]
+        assert [e["step"] for e in h.evals(run)] == [0, 1, 2]  # step 3 is not there at all, not half there
+        assert h.conn.execute("SELECT count(*) FROM results").fetchone()[0] == 3 * 200
+    h = HistoryStore(path)  # and a resumed run can write again
+    h.add_evaluation(run, 3, spec=SPEC, probe_ids=[f"p{i}" for i in range(200)], columns=_columns(200, 3))
+    assert [e["step"] for e in h.evals(run)] == [0, 1, 2, 3]
+    h.close()
+
+
+def test_a_truncated_wal_loses_at_most_the_last_transactions_and_never_the_file(tmp_path):
+    path = _killed_writer(tmp_path, "plain")
+    wal = str(path) + "-wal"
+    size = os.path.getsize(wal)
+    assert size > 0
+    with open(wal, "r+b") as f:  # the WAL cut in the middle of its last frames (a crash, a full disk)
+        f.truncate(size - 5000)
+    with HistoryStore(path, readonly=True) as h:
+        steps = [e["step"] for e in h.evals(h.runs()[0]["run_id"])]
+        assert steps == list(range(len(steps))) and len(steps) < 3  # the cut transaction is gone, whole
+        for e in h.evals(h.runs()[0]["run_id"]):
+            assert len(h.results(e["eval_id"])) == 200

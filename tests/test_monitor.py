@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ def test_config_defaults_and_validation():
         ({"memorized_threshold": 1.5}, "memorized_threshold must be a number in"),
         ({"console": "yes"}, "console must be True or False"),
         ({"window": "middle"}, "window must be 'first' or 'random'"),
+        ({"mode": "exact", "memorized_threshold": 0.9}, "needs the match ratio, which mode='exact' does not"),
         ({"history_path": ""}, "history_path must be a non-empty string or None"),
         (
             {"boundary_width": 100},
@@ -143,6 +145,21 @@ def test_setup_errors_are_clear(tmp_path):
         )
     with pytest.raises(TypeError, match="MonitorConfig"):
         Monitor({"every_n_steps": 5})
+    from memwatch import AlertConfig
+
+    for alerts in (AlertConfig(extraction_rate={"trian": 0.1}), AlertConfig(leak_groups=("held_out",))):
+        with pytest.raises(
+            SetupError, match=r"names group\(s\) \['(trian|held_out)'\] that the panel does not"
+        ):
+            Monitor(
+                MonitorConfig(prefix_len=16, suffix_len=16, console=False, alerts=alerts),
+                probes=[{"input_ids": [1] * 40, "group": "train"}],
+            ).setup(model, output_dir=tmp_path)
+    # The defaults name groups a panel may lack (no canaries here): not an error.
+    Monitor(
+        MonitorConfig(prefix_len=16, suffix_len=16, console=False, history=False, tensorboard=False),
+        probes=[[1] * 40],
+    ).setup(model, output_dir=tmp_path)
 
 
 def test_user_text_probes_with_a_tokenizer_and_short_ones_filtered(tmp_path, caplog):
@@ -206,3 +223,58 @@ def test_held_out_data_that_overlaps_training_is_reported(tmp_path, caplog):
     monitor.close()
     assert "6 held-out window(s) have the same tokens as a training window" in caplog.text
     assert monitor.panel.groups.tolist().count("heldout") == 1
+
+
+def test_a_resume_that_changes_a_definition_is_refused(tmp_path):
+    model = trained_model("gpt2", 16, 16)
+    train, _ = memorizing_panel(16, 16)
+    data = [{"input_ids": r.tolist()} for r in train]
+    base = {"prefix_len": 16, "suffix_len": 16, "console": False, "tensorboard": False, "run_name": "r"}
+    first = Monitor(MonitorConfig(**base))
+    first.setup(model, output_dir=tmp_path, train_data=data)
+    first.evaluate(model, 0)
+    first.close()
+    for change, shown in (
+        ({"memorized_threshold": 0.5}, "memorized_threshold=0.5 (recorded with 1.0)"),
+        ({"boundary_width": 2}, "boundary_width=2 (recorded with 4)"),
+        ({"entropy_window": 4}, "entropy_window=4 (recorded with 15)"),
+    ):
+        resumed = Monitor(MonitorConfig(**base, **change))
+        with pytest.raises(SetupError, match=re.escape(shown)):
+            resumed.setup(model, output_dir=tmp_path, train_data=data, start_step=5)
+    same = Monitor(MonitorConfig(**base))
+    same.setup(model, output_dir=tmp_path, train_data=data, start_step=5)  # the same settings resume fine
+    same.close()
+
+
+@pytest.mark.monitor_failures
+def test_an_evaluation_the_history_lost_does_not_advance_the_probes_state(tmp_path, monkeypatch):
+    """Live transitions equal the ones a replay of the history gives, even when one evaluation was not recorded."""
+    from memwatch import History
+
+    model = trained_model("gpt2", 16, 16)
+    monitor, train, _ = _loop_monitor(tmp_path, every_n_steps=1, tensorboard=False)
+    monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in train])
+    live = [monitor.evaluate(model, 0)]
+    real = monitor.history.add_evaluation
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(monitor.history, "add_evaluation", disk_full)
+    assert monitor.evaluate(model, 1) is not None  # measured and reported, not recorded
+    monkeypatch.setattr(monitor.history, "add_evaluation", real)
+    live.append(monitor.evaluate(model, 2))
+    monitor.close()
+    assert live[1].prev_step == 0  # step 1 is not in the history, so it is not the previous evaluation either
+    with History(os.path.join(tmp_path, "memwatch", "history.sqlite")) as h:
+        replayed = [r for _e, r in h.run().records()]
+    assert [r.step for r in replayed] == [0, 2]
+    for a, b in zip(live, replayed, strict=True):
+        assert a.prev_step == b.prev_step
+        for g in a.stats:
+            assert a.stats[g].newly_memorized == b.stats[g].newly_memorized
+            np.testing.assert_array_equal(
+                a.stats[g].transitions if a.stats[g].transitions is not None else -1,
+                b.stats[g].transitions if b.stats[g].transitions is not None else -1,
+            )

@@ -150,3 +150,24 @@ def test_windows_never_include_padding_in_the_prefix():
     data = [{"input_ids": ids, "attention_mask": [0] * 10 + [1] * 70, "labels": [-100] * 10 + ids[10:]}]
     probes = sample_windows(data, 5, prefix_len=16, suffix_len=16, group="train", seed=0, window="random")
     assert probes and all(p.meta["start"] >= 10 and 0 not in p.tokens for p in probes)
+
+
+def test_user_token_dicts_drop_their_padding_and_a_padded_heldout_set_gives_unpadded_windows(tmp_path):
+    from memwatch import Monitor, MonitorConfig
+
+    pad = 0
+    right = {"input_ids": [5, 6, 7, 8, pad, pad], "attention_mask": [1, 1, 1, 1, 0, 0]}
+    left = {"input_ids": [pad, pad, 9, 10, 11, 12], "attention_mask": [0, 0, 1, 1, 1, 1]}
+    got = probes_from_user([right, left], default_group="heldout")
+    assert [p.tokens for p in got] == [(5, 6, 7, 8), (9, 10, 11, 12)]
+    # Through the monitor: a held-out set padded to 40 tokens with 12 real tokens gives no 16+16 window of padding.
+    rows = [{"input_ids": [3 + i] * 12 + [pad] * 28, "attention_mask": [1] * 12 + [0] * 28} for i in range(4)]
+    rows.append({"input_ids": list(range(1, 41)), "attention_mask": [1] * 40})
+    monitor = Monitor(
+        MonitorConfig(prefix_len=16, suffix_len=16, console=False, history=False, tensorboard=False),
+        heldout=rows,
+    )
+    from _models import tiny_model
+
+    monitor.setup(tiny_model("gpt2"), output_dir=tmp_path)
+    assert [p.tokens for p in monitor.panel.probes] == [tuple(range(1, 33))]

@@ -156,8 +156,40 @@ def test_csv_and_pythia_csv(tmp_path, capsys):
     assert main(["report", str(path), "--format", "pythia-csv", "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["known-step0.csv", "known-step10.csv", "known-step20.csv"]
     lines = (out / "known-step10.csv").read_text().splitlines()
-    assert lines[0] == "index,score" and lines[1:] == ["0,1.0", "1,0.75", "2,0.0", "3,1.0"]
+    assert lines[0] == "index,score" and lines[1:] == ["0,1.0", "1,0.75"]  # the training sequences only
+    capsys.readouterr()
     assert main(["report", str(path), "--format", "pythia-csv"]) == 2
+    assert "--format pythia-csv writes one file per checkpoint: give --out DIR" in capsys.readouterr().err
+    # Two windows of one example: scored once, by its first window; an exact-mode history is refused.
+    h = HistoryStore(tmp_path / "windows.sqlite")
+    run = h.add_run("w")
+    metas = [
+        {"source_index": 7, "start": 40},
+        {"source_index": 7, "start": 0},
+        {"source_index": 3, "start": 0},
+    ]
+    h.add_probes(run, [(f"p{i}", [i] * 8, "train", m) for i, m in enumerate(metas)])
+    cols = {
+        "exact": np.zeros(3, bool),
+        "match_ratio": np.array([0.25, 0.5, 0.75], np.float32),
+        "prefix_match_len": np.zeros(3, int),
+        "suffix_nll": np.ones(3),
+        "near_tie": np.zeros(3, bool),
+        "entropy": np.zeros((3, 6), np.float32),
+    }
+    h.add_evaluation(run, 5, spec=SPEC, probe_ids=["p0", "p1", "p2"], columns=cols)
+    windows = tmp_path / "windows"
+    assert (
+        main(["report", str(tmp_path / "windows.sqlite"), "--format", "pythia-csv", "--out", str(windows)])
+        == 0
+    )
+    assert (windows / "w-step5.csv").read_text().splitlines() == ["index,score", "3,0.75", "7,0.5"]
+    h.add_evaluation(run, 6, spec={**SPEC, "mode": "exact"}, probe_ids=["p0", "p1", "p2"], columns=cols)
+    h.close()
+    assert (
+        main(["report", str(tmp_path / "windows.sqlite"), "--format", "pythia-csv", "--out", str(out)]) == 2
+    )
+    assert "mode 'exact' does not measure" in capsys.readouterr().err
 
 
 def test_html_report_is_self_contained_with_tables_and_charts(tmp_path):
@@ -219,6 +251,7 @@ def test_compare_two_histories(tmp_path, capsys):
         for line in text.splitlines()
     )
     assert main(["compare", str(a), f"{b}::nope"]) == 2
+    assert "no run 'nope' in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["", "demo", "scan", "report", "compare", "export-tb"])
@@ -240,7 +273,11 @@ def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
     from memwatch.history import HistoryStore
 
     HistoryStore(str(tmp_path / "empty.sqlite")).close()  # a valid history without a run
+    from test_history import _damaged_history
+
+    damaged = _damaged_history(tmp_path / "damaged.sqlite")
     for target, message in (
+        (damaged, "is damaged"),
         (tmp_path / "missing.sqlite", "no history at"),
         (bad, "not a readable memwatch history"),
         (tmp_path / "empty.sqlite", "holds no runs yet"),
@@ -253,6 +290,7 @@ def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
             cwd=tmp_path,
         )
         assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr, run.stderr
 
 
 def test_history_library_api_and_pandas(tmp_path):
@@ -310,3 +348,23 @@ def test_json_report_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_recover_command_copies_the_readable_evaluations(tmp_path):
+    from test_history import _damaged_history
+
+    damaged = _damaged_history(tmp_path / "damaged.sqlite")
+    before = damaged.read_bytes()
+    cmd = [sys.executable, "-m", "memwatch.cli"]
+    run = subprocess.run(
+        [*cmd, "recover", str(damaged), str(tmp_path / "new.sqlite")], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "recovered 1 run(s)" in run.stdout and "lost" in run.stdout
+    assert damaged.read_bytes() == before
+    report = subprocess.run(
+        [*cmd, "report", str(tmp_path / "new.sqlite"), "--format", "json"], capture_output=True, text=True
+    )
+    assert report.returncode == 0, report.stderr
+    evaluations = json.loads(report.stdout)["runs"][0]["evaluations"]
+    assert 1 <= evaluations < 12

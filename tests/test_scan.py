@@ -117,7 +117,7 @@ def test_a_scan_that_fails_at_setup_leaves_no_history(tmp_path, trained_with_che
     assert code == 2 and not os.path.exists(history)
 
 
-def test_probe_files_jsonl_and_errors(tmp_path, trained_with_checkpoints):
+def test_probe_files_jsonl_and_errors(tmp_path, trained_with_checkpoints, capsys):
     jsonl = tmp_path / "probes.jsonl"
     jsonl.write_text(
         "\n".join(
@@ -156,6 +156,7 @@ def test_probe_files_jsonl_and_errors(tmp_path, trained_with_checkpoints):
         )
         == 2
     )
+    assert "holds texts: give --tokenizer" in capsys.readouterr().err
     ids_only = tmp_path / "ids.jsonl"
     ids_only.write_text(json.dumps({"input_ids": list(range(40)), "group": "mine"}) + "\n")
     assert (
@@ -178,9 +179,11 @@ def test_probe_files_jsonl_and_errors(tmp_path, trained_with_checkpoints):
     with History(scanned) as h:
         run = h.run()
         assert run.group_names() == ["mine"] and run.steps.tolist() == [75]
+    capsys.readouterr()
     assert (
         main(["scan", str(tmp_path / "nowhere"), "--probes", str(ids_only), "--history", str(scanned)]) == 2
     )
+    assert "no such checkpoint or directory" in capsys.readouterr().err
     assert (
         main(
             [
@@ -194,6 +197,7 @@ def test_probe_files_jsonl_and_errors(tmp_path, trained_with_checkpoints):
         )
         == 2
     )
+    assert "no probe file at" in capsys.readouterr().err
 
 
 def test_scan_samples_windows_from_a_dataset_file_and_scores_canaries(tmp_path, trained_with_checkpoints):
@@ -262,6 +266,7 @@ def test_a_full_size_canary_manifest_is_recognized(tmp_path):
     assert items == [] and loaded is not None and len(loaded.canaries) == 16
 
 
+@pytest.mark.monitor_failures
 def test_a_checkpoint_that_fails_fails_the_scan(tmp_path, trained_with_checkpoints, monkeypatch, capsys):
     import memwatch.extraction
 

@@ -30,7 +30,9 @@ def corpus(n_train=16, n_held=8, length=48, seed=0):
     return train, held
 
 
-def make_trainer(out, callbacks=(), steps=150, seed=0, logging_steps=10, train=None, held=None, **kw):
+def make_trainer(
+    out, callbacks=(), steps=150, seed=0, logging_steps=10, train=None, held=None, data_collator=None, **kw
+):
     default_train, default_held = corpus()
     options = {
         "per_device_train_batch_size": 8,
@@ -51,6 +53,7 @@ def make_trainer(out, callbacks=(), steps=150, seed=0, logging_steps=10, train=N
         train_dataset=train if train is not None else default_train,
         eval_dataset=held if held is not None else default_held,
         callbacks=list(callbacks),
+        **({"data_collator": data_collator} if data_collator is not None else {}),
     )
 
 
@@ -141,16 +144,64 @@ def test_tensorboard_event_files_hold_the_documented_tags(memorizing_run):
     assert newly >= 8
 
 
-def test_the_callback_changes_nothing_about_training(tmp_path):
-    with_cb = make_trainer(
-        tmp_path / "a",
-        [MemWatchCallback(MonitorConfig(every_n_steps=7, prefix_len=K, suffix_len=M, console=False))],
+def _full_default_path(tmp_path, with_memwatch: bool, server_url: str | None):
+    """A run through everything memwatch does by default: canaries pre-flighted through the Trainer's collator,
+    exposure, alerts delivered by the webhook thread, gradient accumulation and bf16 autocast on the CPU."""
+    from memwatch import AlertConfig
+    from memwatch.bytetok import ByteTokenizer
+    from memwatch.canaries import inject, make_canaries
+
+    train, held = corpus(n_train=24)
+    manifest = make_canaries(
+        ByteTokenizer(), tiers=(4, 16), per_tier=1, prefix_len=K, secret_len=M, references=16, seed=0
+    )
+    data, manifest = inject(train, manifest)
+
+    def collate(batch):  # a collator of the user's own: memwatch's pre-flight must go through it
+        ids = torch.tensor([b["input_ids"][:48] for b in batch])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    callbacks = []
+    if with_memwatch:
+        cfg = MonitorConfig(
+            every_n_steps=7,
+            prefix_len=K,
+            suffix_len=M,
+            console=False,
+            exposure_references=16,
+            alerts=AlertConfig(webhook_url=server_url, extraction_rate={"train": 0.01}, exposure_bits=1.0),
+        )
+        callbacks.append(MemWatchCallback(cfg, canaries=manifest))
+    trainer = make_trainer(
+        tmp_path,
+        callbacks,
         steps=30,
         logging_steps=5,
+        train=data,
+        held=held,
+        data_collator=collate,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        bf16=True,  # CPU autocast in bf16: memwatch follows it (amp_dtype='auto')
     )
-    with_cb.train()
-    without = make_trainer(tmp_path / "b", steps=30, logging_steps=5)
-    without.train()
+    trainer.train()
+    return trainer, callbacks
+
+
+def test_the_callback_changes_nothing_about_training(tmp_path):
+    from test_alerts import _Server
+
+    server = _Server()
+    try:
+        with_cb, (cb,) = _full_default_path(tmp_path / "a", True, server.url)
+    finally:
+        server.close()
+    without, _ = _full_default_path(tmp_path / "b", False, None)
+    monitor = cb.monitor
+    assert monitor.evaluated_steps == [0, 7, 14, 21, 28, 30]  # memwatch really evaluated, at every step due
+    assert monitor.amp_dtype == "bf16" and not monitor.failures
+    assert monitor.preflight_report is not None and all(monitor.preflight_report.found.values())
+    assert monitor.last_record.exposure is not None and monitor.alerts and server.bodies  # the webhook posted
     for (name, p), (_, q) in zip(
         with_cb.model.named_parameters(), without.model.named_parameters(), strict=True
     ):

@@ -79,8 +79,8 @@ def tier_table(
             f"{row['repetitions']}x",
             f"{row['inserted_extracted']}/{row['inserted']}",
             f"{row['twins_extracted']}/{row['twins']}",
-            _fmt(row["mean_exposure"], ".1f") + (" bits" if row["mean_exposure"] is not None else ""),
-            _fmt(row["twins_mean_exposure"], ".1f"),
+            _fmt(row["median_exposure"], ".1f") + (" bits" if row["median_exposure"] is not None else ""),
+            _fmt(row["twins_median_exposure"], ".1f"),
             _fmt(row["mean_match_ratio"]),
             "-" if row["first_memorized_step"] is None else f"step {row['first_memorized_step']}",
         )

@@ -44,20 +44,25 @@ GROUP_TAGS: tuple[tuple[str, str, str], ...] = (
         "scalar",
         "mean entropy over the first j generated positions (greedy path; teacher-forced in mode exact)",
     ),
-    ("mean_exposure", "scalar", "mean canary exposure in bits (canary groups, when exposure is computed)"),
+    (
+        "median_exposure",
+        "scalar",
+        "median canary exposure in bits (canary groups, when exposure is computed)",
+    ),
     ("match_ratio", "histogram", "match ratios of the group's probes"),
     ("entropy_profile", "image", "mean entropy profile per bucket across the boundary"),
 )
 TIER_TAGS: tuple[tuple[str, str, str], ...] = (
     ("extraction_rate", "scalar", "share of the tier's inserted canaries extracted exactly"),
     ("twins_extraction_rate", "scalar", "the same for its never-inserted twins: the false-positive rate"),
-    ("mean_exposure", "scalar", "mean exposure (bits) of the tier's inserted canaries"),
-    ("twins_mean_exposure", "scalar", "mean exposure of its twins (the control)"),
+    ("median_exposure", "scalar", "median exposure (bits) of the tier's inserted canaries"),
+    ("twins_median_exposure", "scalar", "median exposure of its twins (the control)"),
     ("mean_match_ratio", "scalar", "mean match ratio of the tier's inserted canaries"),
 )
 RUN_TAGS: tuple[tuple[str, str, str], ...] = (
     ("eval_seconds", "scalar", "wall time of the evaluation"),
     ("probes", "scalar", "panel size"),
+    ("alerts", "text", "every alert of the step, one entry per step (rule and message)"),
 )
 
 
@@ -83,7 +88,7 @@ def _layout(groups: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
         "mean suffix NLL": "mean_suffix_nll",
         "newly memorized": "newly_memorized",
         "forgotten": "forgotten",
-        "mean exposure": "mean_exposure",
+        "median exposure": "median_exposure",
     }
     layout: dict[str, dict[str, list[Any]]] = {
         "memwatch: all groups": {
@@ -93,8 +98,8 @@ def _layout(groups: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
     layout["memwatch: canaries (dose-response)"] = {
         "extraction rate by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/extraction_rate$"]],
         "twins' extraction rate by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_extraction_rate$"]],
-        "exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/mean_exposure$"]],
-        "twins' exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_mean_exposure$"]],
+        "exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/median_exposure$"]],
+        "twins' exposure by tier": ["Multiline", [rf"{PREFIX}/canaries/[^/]+/twins_median_exposure$"]],
     }
     for g in groups:
         sg = re.escape(_safe(g))
@@ -117,9 +122,15 @@ class TensorBoardReporter:
     ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = os.fspath(log_dir)
+        from ..files import private_makedirs
+
+        self.log_dir = private_makedirs(log_dir)
+        before = set(os.listdir(self.log_dir))
         self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
+        for name in set(os.listdir(self.log_dir)) - before:  # the event file, created with the umask's mode
+            os.chmod(os.path.join(self.log_dir, name), 0o600)
         self.groups = list(groups)
+        self._alerts: dict[int, list[str]] = {}
         self.writer.add_custom_scalars(_layout(self.groups))
 
     def write(self, record: EvalRecord) -> None:
@@ -138,7 +149,7 @@ class TensorBoardReporter:
                 "newly_memorized": st.newly_memorized,
                 "forgotten": st.forgotten,
                 "rememorized": st.rememorized,
-                "mean_exposure": st.mean_exposure,
+                "median_exposure": st.median_exposure,
             }
             for name, value in scalars.items():
                 if value is not None and not (isinstance(value, float) and math.isnan(value)):
@@ -167,8 +178,8 @@ class TensorBoardReporter:
             values = {
                 "extraction_rate": row["inserted_extracted"] / row["inserted"] if row["inserted"] else None,
                 "twins_extraction_rate": row["twins_extracted"] / row["twins"] if row["twins"] else None,
-                "mean_exposure": row["mean_exposure"],
-                "twins_mean_exposure": row["twins_mean_exposure"],
+                "median_exposure": row["median_exposure"],
+                "twins_median_exposure": row["twins_median_exposure"],
                 "mean_match_ratio": row["mean_match_ratio"],
             }
             for name, value in values.items():
@@ -176,8 +187,15 @@ class TensorBoardReporter:
                     w.add_scalar(f"{base}/{name}", value, step)
         self.writer.flush()
 
-    def write_text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(f"{PREFIX}/{tag}", text, step)
+    def add_alert(self, alert: Any) -> None:
+        """Buffer an alert until flush_alerts(): TensorBoard keeps one text entry per tag and step, so every alert
+        of a step goes into one entry (one alert never hides another)."""
+        self._alerts.setdefault(alert.step, []).append(f"- **{alert.rule}** — {alert.message}")
+
+    def flush_alerts(self) -> None:
+        for step, lines in sorted(self._alerts.items()):
+            self.writer.add_text(f"{PREFIX}/alerts", "\n".join(lines), step)
+        self._alerts.clear()
         self.writer.flush()
 
     def close(self) -> None:
@@ -197,8 +215,11 @@ def export_history(history: Any, log_dir: str | os.PathLike[str]) -> list[str]:
         reporter = TensorBoardReporter(path, run.group_names())
         for _e, record in run.records():
             reporter.write(record)
+        from types import SimpleNamespace
+
         for alert in history.store.alerts(run.run_id):
-            reporter.write_text("alerts", f"**{alert['rule']}** — {alert['message']}", alert["step"])
+            reporter.add_alert(SimpleNamespace(**alert))
+        reporter.flush_alerts()
         reporter.close()
         written.append(path)
     return written
