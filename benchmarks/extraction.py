@@ -1,7 +1,7 @@
 """Extraction speed: memwatch.extract vs. the standard two-pass approach vs. the teacher-forced floor, one run.
 
     python benchmarks/extraction.py                      # CPU: GPT-2-style 8x512, 8k vocab, N=256, k=m=32
-    python benchmarks/extraction.py --device cuda --model neox160m --n 1024 --dtype bf16
+    python benchmarks/extraction.py --device cuda --model neox160m --n 1024 --dtype bf16 --batch-size 1024
 
 Panels: every row memorized (its suffix is the model's own greedy continuation), ~10% memorized, none.
 Prints seconds (best of --repeats, methods interleaved) and ratios; checks that memwatch's tokens equal
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -33,6 +34,18 @@ def build_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
             eos_token_id=None,
         )
         model = GPT2LMHeadModel(cfg)
+    elif name == "neox-tiny":  # for smoke runs of the scripts that reuse this one
+        cfg = GPTNeoXConfig(
+            vocab_size=4096,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=256,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        model = GPTNeoXForCausalLM(cfg)
     elif name == "neox160m":  # Pythia-160M's shape
         cfg = GPTNeoXConfig(
             vocab_size=50304,
@@ -124,10 +137,70 @@ def two_pass(model, x: torch.Tensor, k: int, m: int, w: int, bs: int) -> torch.T
     return torch.cat(gens)
 
 
+def measure(
+    model, panels: dict[str, torch.Tensor], k: int, m: int, w: int, bs: int, repeats: int, device: str
+) -> list[tuple]:
+    """Per panel: (name, exact share, share of rows equal to generate's, best seconds per method, peak extra MiB
+    of a memwatch extraction on CUDA or None)."""
+    methods: dict[str, Callable] = {
+        "memwatch full": lambda x: memwatch.extract(
+            model, x, prefix_len=k, suffix_len=m, entropy_window=w, batch_size=bs
+        ),
+        "memwatch exact": lambda x: memwatch.extract(
+            model, x, prefix_len=k, suffix_len=m, entropy_window=w, batch_size=bs, mode="exact"
+        ),
+        "two-pass": lambda x: two_pass(model, x, k, m, w, bs),
+        "floor": lambda x: floor(model, x, k, m, w, bs),
+    }
+    cuda = device.startswith("cuda")
+    rows = []
+    for panel_name, x in panels.items():
+        # Warm-up and correctness: memwatch's continuation equals generate's.
+        res = methods["memwatch full"](x)
+        ref = methods["two-pass"](x).cpu().numpy()
+        agree = (res.generated == ref).all(1).mean()
+        methods["floor"](x)
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        peak = None
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                sync(device)
+                if cuda and name == "memwatch full":
+                    torch.cuda.reset_peak_memory_stats()
+                    base_mem = torch.cuda.memory_allocated()
+                t0 = time.perf_counter()
+                fn(x)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+                if cuda and name == "memwatch full":
+                    peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        best = {name: min(v) for name, v in times.items()}  # noise only adds time: the minimum is robust
+        rows.append((panel_name, res.exact.mean(), agree, best, peak))
+    return rows
+
+
+def table(rows: list[tuple]) -> str:
+    peaks = rows[0][4] is not None
+    lines = [
+        "| panel | exact | rows = generate | memwatch full s | exact-mode s | two-pass s | floor s | "
+        "two-pass / full | full / floor | exact / floor |" + (" peak extra MiB |" if peaks else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peaks else ""),
+    ]
+    for panel_name, exact, agree, t, peak in rows:
+        line = (
+            f"| {panel_name} | {exact:.0%} | {agree:.1%} | {t['memwatch full']:.3f} | "
+            f"{t['memwatch exact']:.3f} | {t['two-pass']:.3f} | {t['floor']:.3f} | "
+            f"{t['two-pass'] / t['memwatch full']:.2f}x | {t['memwatch full'] / t['floor']:.2f}x | "
+            f"{t['memwatch exact'] / t['floor']:.2f}x |"
+        )
+        lines.append(line + (f" {peak:.0f} |" if peaks else ""))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default="gpt2-8x512", choices=["gpt2-8x512", "neox160m"])
+    ap.add_argument("--model", default="gpt2-8x512", choices=["gpt2-8x512", "neox160m", "neox-tiny"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--k", type=int, default=32)
@@ -146,55 +219,9 @@ def main() -> None:
         f"{args.device}, {args.dtype}, N={args.n}, k={k}, m={m}, w={w}, batch {bs}, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
-
-    methods = {
-        "memwatch full": lambda x: memwatch.extract(
-            model, x, prefix_len=k, suffix_len=m, entropy_window=w, batch_size=bs
-        ),
-        "memwatch exact": lambda x: memwatch.extract(
-            model, x, prefix_len=k, suffix_len=m, entropy_window=w, batch_size=bs, mode="exact"
-        ),
-        "two-pass": lambda x: two_pass(model, x, k, m, w, bs),
-        "floor": lambda x: floor(model, x, k, m, w, bs),
-    }
-    rows = []
-    for panel_name, x in panels.items():
-        # Warm-up and correctness: memwatch's continuation equals generate's.
-        res = methods["memwatch full"](x)
-        ref = methods["two-pass"](x).cpu().numpy()
-        agree = (res.generated == ref).all(1).mean()
-        methods["floor"](x)
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        peak = None
-        for _ in range(args.repeats):
-            for name, fn in methods.items():
-                sync(args.device)
-                if args.device.startswith("cuda") and name == "memwatch full":
-                    torch.cuda.reset_peak_memory_stats()
-                    base_mem = torch.cuda.memory_allocated()
-                t0 = time.perf_counter()
-                fn(x)
-                sync(args.device)
-                times[name].append(time.perf_counter() - t0)
-                if args.device.startswith("cuda") and name == "memwatch full":
-                    peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-        med = {name: min(v) for name, v in times.items()}  # noise only adds time: the minimum is robust
-        rows.append((panel_name, res.exact.mean(), agree, med, peak))
-
+    rows = measure(model, panels, k, m, w, bs, args.repeats, args.device)
     print()
-    print(
-        "| panel | exact | rows = generate | memwatch full s | exact-mode s | two-pass s | floor s | "
-        "two-pass / full | full / floor | exact / floor |" + (" peak extra MiB |" if rows[0][4] else "")
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rows[0][4] else ""))
-    for panel_name, exact, agree, med, peak in rows:
-        line = (
-            f"| {panel_name} | {exact:.0%} | {agree:.1%} | {med['memwatch full']:.3f} | "
-            f"{med['memwatch exact']:.3f} | {med['two-pass']:.3f} | {med['floor']:.3f} | "
-            f"{med['two-pass'] / med['memwatch full']:.2f}x | {med['memwatch full'] / med['floor']:.2f}x | "
-            f"{med['memwatch exact'] / med['floor']:.2f}x |"
-        )
-        print(line + (f" {peak:.0f} |" if peak else ""))
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -5,24 +5,36 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .modeling import ModelInfo, inspect_model, preserved_state
+from .modeling import (
+    ModelInfo,
+    generation_scope,
+    inspect_model,
+    output_cache,
+    preserved_state,
+    reusable_cache,
+)
 from .result import ExtractionResult
 from .signals import extraction as metrics
 
-__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix"]
+__all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix", "tie_threshold"]
 
 MODES = ("full", "exact")
+# How diverged rows were decoded (ExtractionResult.decoding), in the order ranks agree on under `sync`: a rank
+# with nothing to decode joins the others' path, and one that cannot reuse its cache moves every rank to recompute.
+PATHS = ("none", "cache-reuse", "recompute")
 DEFAULT_ENTROPY_WINDOW = 16  # DESIGN.md §5; capped at prefix_len - 1 when the prefix is shorter
-# Top-1/top-2 logit margins below these are ties as far as the compute dtype can tell; a different but equally
-# valid summation order (our single pass vs. `generate`'s step-by-step) may then pick the other token.
-# Roughly a few units in the last place for logits of magnitude ~10 in each format.
-DEFAULT_TIE_MARGIN = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1.25e-1}
+# A greedy step is a near tie when its top-1/top-2 logit margin is below this many units in the last place of the
+# top logit in the compute dtype: a different but equally valid summation order (our single pass vs. `generate`'s
+# step by step) moves logits by about that much, so it may then pick the other token.
+TIE_ULPS = 4
+_MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 # CPU batches beyond this size stop paying off, and a training process's host memory is not ours to take.
 _CPU_BUDGET_BYTES = 1 << 30
 # On CPU, throughput drops once a layer's widest activation ([rows, k+m, MLP width]) outgrows the caches:
@@ -30,7 +42,8 @@ _CPU_BUDGET_BYTES = 1 << 30
 _CPU_ACTIVATION_BYTES = 32 << 20
 # On CUDA, the share of free memory (driver-free plus the allocator's cached-but-unused) an extraction may use.
 _CUDA_BUDGET_SHARE = 0.5
-# fp32 working set for the log-softmax statistics; logits are processed in row chunks of at most this size.
+# fp32 working set for the statistics (shifted logits and their exponentials); logits are processed in row
+# chunks of at most this size.
 _STATS_BYTES = 256 << 20
 
 
@@ -50,6 +63,7 @@ def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
         entropy=np.zeros((0, w + m), np.float32),
         suffix_nll=np.zeros(0, np.float32),
         near_tie=np.zeros(0, bool),
+        decoding="none",
     )
 
 
@@ -141,49 +155,87 @@ def _auto_batch_size(
     return max(1, min(n, rows))
 
 
-def _forward(info: ModelInfo, n_keep: int | None, **kwargs: object) -> tuple[torch.Tensor, object]:
-    """Call the model; return logits for the last `n_keep` positions (all if None) and the cache."""
+def tie_threshold(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The default near-tie threshold for top-1 logits `top` [...] computed in `dtype`, as float32 [...].
+
+    TIE_ULPS units in the last place of max(|top|, 1) in that format: TIE_ULPS * 2**(floor(log2 x) - mantissa
+    bits). Relative, because a format's resolution is (bf16 logits in [32, 64) lie 0.25 apart); floored at
+    magnitude 1, because a logit near zero is a sum of larger terms and carries their rounding error.
+    """
+    bits = _MANTISSA_BITS.get(dtype, _MANTISSA_BITS[torch.float32])
+    # frexp is exact: x = f * 2**e with f in [0.5, 1), so floor(log2 x) = e - 1 (log2 may round up below 2**n).
+    _, exponent = torch.frexp(top.float().abs().clamp(min=1.0))
+    return TIE_ULPS * torch.exp2((exponent - 1 - bits).float())
+
+
+@dataclass(frozen=True)
+class _TieRule:
+    """Which top-1/top-2 margins are near ties: below `margin` when the caller set one, else tie_threshold."""
+
+    dtype: torch.dtype
+    margin: float | None = None
+
+    def __call__(self, margin: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        limit = self.margin if self.margin is not None else tie_threshold(top, self.dtype)
+        return margin < limit
+
+
+class _Stats(NamedTuple):
+    """fp32 statistics of a next-token distribution, one value per position."""
+
+    entropy: torch.Tensor  # nats
+    argmax: torch.Tensor  # first maximal index, as `generate`'s torch.argmax
+    margin: torch.Tensor  # top-1 minus top-2 logit (inf for a one-token vocabulary)
+    top: torch.Tensor  # top-1 logit
+    nll: torch.Tensor | None  # -log p(target), when targets were given
+
+
+def _forward(
+    info: ModelInfo, n_keep: int | None, cache: object = None, **kwargs: object
+) -> tuple[torch.Tensor, object]:
+    """Call the model, passing `cache` under the name this transformers version takes; return the logits for the
+    last `n_keep` positions (all if None) and the cache the model returned (None if it returned none)."""
     if n_keep is not None and info.logits_kwarg is not None:
         kwargs[info.logits_kwarg] = n_keep
+    if cache is not None:
+        kwargs[str(info.cache_kwarg)] = cache
     out = info.call(return_dict=True, **kwargs)
     logits = out.logits
     if n_keep is not None and logits.shape[1] != n_keep:
         logits = logits[:, -n_keep:]
-    return logits, getattr(out, "past_key_values", None)
+    return logits, output_cache(out, info.model)
 
 
-def _stats(
-    logits: torch.Tensor, *, host_checks: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 statistics of logits [..., V] from one softmax: (entropy, argmax, top-1/top-2 margin, logsumexp).
+def _stats(logits: torch.Tensor, targets: torch.Tensor | None = None, *, consume: bool = False) -> _Stats:
+    """fp32 statistics of logits [..., V] (and the NLL of `targets` [...]), with no host sync.
 
-    lse = max - log p_max is exact to rounding (p_max >= 1/V is never tiny), entropy = lse - sum(p * logits),
-    and a token's NLL is lse - its logit, so the log-softmax is never materialized (exp dominates the cost).
-    host_checks: allowed to sync with the host (once per call) to repair rows with masked (-inf) logits;
-    without it the repair is computed unconditionally (cheap for the small decode-step tensors).
+    consume: the caller no longer needs `logits`, so fp32 logits may be overwritten (one [..., V] allocation
+    fewer, which is much of the cost on CPU); other dtypes are copied to fp32 anyway.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):  # fp32 even inside an autocast region
-        return _stats_fp32(logits.float(), host_checks)
+        lf = logits.float()
+        return _stats_fp32(lf, targets, in_place=consume or lf is not logits)
 
 
-def _stats_fp32(
-    lf: torch.Tensor, host_checks: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = torch.softmax(lf, dim=-1)
+def _stats_fp32(lf: torch.Tensor, targets: torch.Tensor | None, in_place: bool) -> _Stats:
+    """Everything from max-shifted logits z = logits - max <= 0: log-sum-exp minus max is log sum(e^z) in
+    [0, log V], entropy = log sum(e^z) - sum(e^z z) / sum(e^z) and NLL = log sum(e^z) - z_target. Unshifted,
+    lse - sum(p * logits) subtracts two numbers of the logits' size and loses 1e-3 nats at |logits| ~ 50 in fp32."""
     top, argmax = lf.max(dim=-1)  # first maximal index, as `generate`'s torch.argmax
-    lse = top - torch.log(p.gather(-1, argmax.unsqueeze(-1)).squeeze(-1))
-    entropy = lse - (p.unsqueeze(-2) @ lf.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    # A masked vocabulary entry (-inf logit) has p = 0, and 0 * -inf is nan: those rows take the careful path.
-    bad = torch.isnan(entropy)
-    if not host_checks or bool(bad.any()):
-        careful = lse - (p * lf.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
-        entropy = torch.where(bad, careful, entropy)
-    if lf.shape[-1] >= 2:
-        top2 = lf.topk(2, dim=-1).values
-        margin = top2[..., 0] - top2[..., 1]
-    else:
-        margin = torch.full_like(top, math.inf)
-    return entropy, argmax, margin, lse
+    z = lf.sub_(top.unsqueeze(-1)) if in_place else lf - top.unsqueeze(-1)  # [..., V]
+    z_target = None if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # z's top entry is exactly 0, so minus its second is the top-1/top-2 margin, rounded as top - second would be.
+    margin = -z.topk(2, dim=-1).values[..., 1] if z.shape[-1] >= 2 else torch.full_like(top, math.inf)
+    e = z.exp()  # [..., V], in [0, 1]
+    sum_e = e.sum(dim=-1)
+    log_sum = sum_e.log()
+    # A masked entry (-inf logit) has e = 0; a finite stand-in for its z makes its e * z term 0 rather than nan.
+    # sum(e * z) in place and by torch's cascaded sum: a batched dot product accumulates 1e-4 nats of fp32 error
+    # over a 32k vocabulary.
+    ez = z.clamp_(min=torch.finfo(z.dtype).min).mul_(e).sum(dim=-1)
+    entropy = log_sum - ez / sum_e
+    nll = None if z_target is None else log_sum - z_target
+    return _Stats(entropy, argmax, margin, top, nll)
 
 
 class _Batch:
@@ -195,132 +247,256 @@ class _Batch:
         self.entropy = torch.zeros(b, w + m, device=dev)
         self.nll = torch.zeros(b, m, device=dev)
         self.tf_argmax = torch.zeros(b, m, dtype=torch.long, device=dev)
-        self.tf_margin = torch.zeros(b, m, device=dev)
+        self.tf_tie = torch.zeros(b, m, dtype=torch.bool, device=dev)
+        self.cache: object = None  # the teacher-forced pass's cache, handed to decoding (which drops it)
 
 
 def _teacher_forced(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, use_cache: bool
-) -> tuple[_Batch, object]:
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, tie: _TieRule, use_cache: bool
+) -> _Batch:
     """One teacher-forced pass over x[:, :k+m-1]: logits only for the last w+m positions. x: [B, k+m]."""
     logits, cache = _forward(info, w + m, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, w+m, V]
     out = _Batch(x, m, w)
+    out.cache = cache
     b, p, v = logits.shape
-    chunk = max(1, _STATS_BYTES // max(1, 2 * 4 * p * v))  # fp32 logits and softmax
-    suffix = x[:, k:]  # [B, m]
+    chunk = max(1, _STATS_BYTES // max(1, 2 * 4 * p * v))  # fp32 shifted logits and their exponentials
+    targets = x[:, k - w :]  # [B, w+m]: the token each scored position predicts
     for s in range(0, b, chunk):
         sl = slice(s, s + chunk)
-        ent, amax, margin, lse = _stats(logits[sl], host_checks=True)
-        out.entropy[sl] = ent
-        out.tf_argmax[sl] = amax[:, w:]
-        out.tf_margin[sl] = margin[:, w:]
-        target_logit = logits[sl, w:].gather(-1, suffix[sl].unsqueeze(-1)).squeeze(-1).float()
-        out.nll[sl] = lse[:, w:] - target_logit
-        del ent, amax, margin, lse
+        st = _stats(logits[sl], targets[sl], consume=True)
+        out.entropy[sl] = st.entropy
+        out.tf_argmax[sl] = st.argmax[:, w:]
+        out.tf_tie[sl] = tie(st.margin[:, w:], st.top[:, w:])
+        out.nll[sl] = st.nll[:, w:]  # type: ignore[index]
+        del st
     del logits
-    return out, cache
+    return out
 
 
 def _select_cache_rows(cache: object, rows: torch.Tensor) -> object:
-    """Keep only `rows` (batch indices) of a KV cache: Cache objects of any transformers version, or legacy tuples."""
-    if cache is None:
-        return None
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(rows)
-        return cache
-    if hasattr(cache, "reorder_cache"):
-        cache.reorder_cache(rows)
-        return cache
+    """Keep only `rows` (batch indices) of a plain KV cache (see modeling.reusable_cache)."""
     if isinstance(cache, tuple | list):  # legacy ((k, v), ...) per layer
         return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
-    raise TypeError(f"memwatch cannot select rows of a {type(cache).__name__} cache")
+    cache.batch_select_indices(rows)  # type: ignore[attr-defined]
+    return cache
 
 
-def _crop_cache(cache: object, n_remove: int) -> tuple[object, bool]:
-    """Drop the last `n_remove` slots of a KV cache; returns (cache, whether it was cropped)."""
-    if n_remove <= 0 or cache is None:
-        return cache, True
-    if hasattr(cache, "crop"):
-        cache.crop(-n_remove)  # negative: "remove this many" in every transformers version that has crop
-        return cache, True
+def _crop_cache(cache: object, n_remove: int) -> object:
+    """Drop the last `n_remove` slots of a plain KV cache."""
+    if n_remove <= 0:
+        return cache
     if isinstance(cache, tuple | list):
-        return tuple(tuple(t[..., :-n_remove, :] for t in layer) for layer in cache), True
-    return cache, False
+        return tuple(tuple(t[..., :-n_remove, :] for t in layer) for layer in cache)
+    cache.crop(-n_remove)  # type: ignore[attr-defined]  # negative: "remove this many", in every version
+    return cache
 
 
-def _decode(
+def _choose_path(info: ModelInfo, cache: object, steps: list[int], k: int, m: int) -> str:
+    """How to decode rows needing `steps` (ascending) greedy steps: "none", "cache-reuse" or "recompute".
+
+    Reusing the teacher-forced cache needs a plain append buffer (cropped to the latest divergence, rows selected,
+    then extended to the slot count below) passed back under a known name. Rows diverging at different points
+    leave stale slots that are masked out, which keeps positions right only if the model takes position ids
+    (ALiBi models such as MPT otherwise measure distances from physical slots). Anything else is recomputed.
+    """
+    if not steps:
+        return "none"
+    d_max = m - 1 - steps[0]
+    slots = k + d_max + steps[-1]  # cropped to k + d_max, then one slot per step
+    reusable = (
+        cache is not None and info.cache_kwarg is not None and reusable_cache(cache, info.config, slots)
+    )
+    if reusable and (steps[0] == steps[-1] or info.takes_position_ids):
+        return "cache-reuse"
+    return "recompute"
+
+
+def _require_generate(info: ModelInfo, cache: object) -> None:
+    """Refuse, naming the architecture, a model that can neither reuse its cache nor `generate`."""
+    can_generate = getattr(info.model, "can_generate", None)
+    if not (callable(can_generate) and can_generate()):
+        why = "returns no cache" if cache is None else f"returns a {type(cache).__name__} it cannot reuse"
+        raise TypeError(
+            f"memwatch cannot decode {info.class_name}: it {why} (cropped, row-selected and extended in "
+            "place), and has no `generate` to recompute the continuations with."
+        )
+
+
+def _decode_from_cache(
     info: ModelInfo,
     cache: object,
-    x: torch.Tensor,
+    order: torch.Tensor,
+    steps: list[int],
     first_miss: torch.Tensor,
     gen: torch.Tensor,
     out: _Batch,
     k: int,
-    m: int,
     w: int,
-    tie_margin: float,
+    tie: _TieRule,
     near_tie: torch.Tensor,
-) -> int:
-    """Greedy decoding of the rows that diverged before the last token, from their divergence point.
+) -> None:
+    """The fast path: greedy decoding of rows `order` from their divergence points, on the teacher-forced cache.
 
-    The teacher-forced cache holds k+m-1 slots of the true sequence. A row that first misses at suffix index d
-    is valid on slots [0, k+d); the cache is cropped to k + max(d) and, where rows diverged at different points,
-    the stale slots [k+d, k+max(d)) are masked out while decoding appends after them with position ids that
-    continue from k+d. When every row diverged at the same point (the common case) there is no mask at all and
-    each step is exactly `generate`'s step. Rows are ordered by how many steps they need, so finished rows drop
-    off the front without a host sync. gen: [B, m] greedy tokens, filled up to each row's divergence point on
-    entry and completed here.
+    The cache holds k+m-1 slots of the true sequence. A row that first misses at suffix index d is valid on slots
+    [0, k+d); the cache is cropped to k + max(d) and, where rows diverged at different points, the stale slots
+    [k+d, k+max(d)) are masked out while decoding appends after them with position ids that continue from k+d.
+    When every row diverged at the same point (the common case) there is no mask at all and each step is exactly
+    `generate`'s step. Rows come ordered by how many steps they need (`steps`, ascending), so finished rows drop
+    off the front without a host sync. Makes steps[-1] forward calls.
     """
-    need = (m - 1 - first_miss).clamp(min=0)  # [B] decoding steps per row
-    todo = torch.nonzero(need > 0).flatten()
-    if todo.numel() == 0:
-        return 0
-    # One host sync per batch: the step counts decide the loop shape.
-    order = todo[torch.argsort(need[todo], stable=True)]
-    steps_host = need[order].tolist()
+    m = gen.shape[1]
     cache = _select_cache_rows(cache, order)
     rows = order  # batch indices of live rows, fewest steps first
     d = first_miss[rows]
-    d_max = m - 1 - steps_host[0]  # fewest steps = latest divergence
-    cache, cropped = _crop_cache(cache, m - 1 - d_max)
-    slots = k + d_max if cropped else k + m - 1
-    dev = x.device
+    d_max = m - 1 - steps[0]  # fewest steps = latest divergence
+    cache = _crop_cache(cache, m - 1 - d_max)
+    slots = k + d_max
+    n_steps = steps[-1]
     mask = None
-    if steps_host[0] != steps_host[-1] or not cropped:
+    if steps[0] != n_steps:
         # Attention mask over physical cache slots: [k+d, slots) holds the true suffix, not the greedy path.
-        slot_idx = torch.arange(slots + m, device=dev)
-        mask = ((slot_idx < (k + d).unsqueeze(1)) | (slot_idx >= slots)).long()  # [R, slots + m]
+        slot_idx = torch.arange(slots + n_steps, device=gen.device)
+        mask = ((slot_idx < (k + d).unsqueeze(1)) | (slot_idx >= slots)).long()  # [R, slots + n_steps]
     token = gen[rows, d]  # the divergent greedy token, fed first
     pos = k + d
-    n_steps = steps_host[-1]
     dropped = 0
     for t in range(n_steps):
+        extra = {"position_ids": pos.unsqueeze(1)} if info.takes_position_ids else {}
         logits, cache = _forward(
             info,
             1,
+            cache=cache,
             input_ids=token.unsqueeze(1),
-            past_key_values=cache,
             attention_mask=None if mask is None else mask[:, : slots + t + 1],
-            position_ids=pos.unsqueeze(1),
             use_cache=True,
+            **extra,
         )
-        ent, amax, margin, _ = _stats(logits[:, -1], host_checks=False)
+        st = _stats(logits[:, -1], consume=True)
         col = d + t + 1  # suffix index this step predicts, [R]
-        gen[rows, col] = amax
-        out.entropy[rows, w + col] = ent
-        near_tie[rows] |= margin < tie_margin
-        token, pos = amax, pos + 1
+        gen[rows, col] = st.argmax
+        out.entropy[rows, w + col] = st.entropy
+        near_tie[rows] |= tie(st.margin, st.top)
+        token, pos = st.argmax, pos + 1
         # Rows whose last suffix token was just produced leave; they are at the front by construction.
         done = 0
-        while dropped + done < len(steps_host) and steps_host[dropped + done] == t + 1:
+        while dropped + done < len(steps) and steps[dropped + done] == t + 1:
             done += 1
         if done and t + 1 < n_steps:
-            keep = torch.arange(done, rows.shape[0], device=dev)
+            keep = torch.arange(done, rows.shape[0], device=gen.device)
             cache = _select_cache_rows(cache, keep)
             rows, d, token, pos = rows[done:], d[done:], token[done:], pos[done:]
             if mask is not None:
                 mask = mask[done:]
         dropped += done
-    return n_steps
+
+
+class _StepStats:
+    """A logits processor for `generate` that records each step's fp32 statistics and leaves the scores as
+    they are (never keeping [N, m, V] logits)."""
+
+    def __init__(self, tie: _TieRule) -> None:
+        self.tie = tie
+        self.entropy: list[torch.Tensor] = []  # per step, [R]
+        self.ties: list[torch.Tensor] = []  # per step, [R]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        st = _stats(scores)
+        self.entropy.append(st.entropy)
+        self.ties.append(self.tie(st.margin, st.top))
+        return scores
+
+
+def _generate(
+    info: ModelInfo, start: torch.Tensor, n_new: int, recorder: _StepStats | None, synced: bool
+) -> torch.Tensor:
+    """Plain greedy `generate` of n_new tokens after `start` [R, L]: no EOS stop, no processor but `recorder`.
+    Returns [R, L + n_new]."""
+    from transformers import LogitsProcessorList
+
+    with generation_scope(info, max_new_tokens=n_new, do_sample=False, num_beams=1, use_cache=True) as config:
+        return info.model.generate(  # type: ignore[operator]
+            start,
+            attention_mask=torch.ones_like(start),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder] if recorder is not None else []),
+            synced_gpus=synced,
+        )
+
+
+def _decode_by_generate(
+    info: ModelInfo,
+    x: torch.Tensor,
+    order: torch.Tensor,
+    points: list[int],
+    first_miss: torch.Tensor,
+    gen: torch.Tensor,
+    out: _Batch,
+    k: int,
+    w: int,
+    tie: _TieRule,
+    near_tie: torch.Tensor,
+    synced: bool,
+) -> None:
+    """The slower path, for caches that cannot be cropped or row-selected: for each divergence point d in `points`,
+    `generate` itself continues x[:, :k+d] plus the divergent greedy token for the remaining m-1-d tokens."""
+    m = gen.shape[1]
+    d_rows = first_miss[order]
+    for d in points:
+        rows = order[d_rows == d]
+        start = torch.cat([x[rows, : k + d], gen[rows, d : d + 1]], dim=1)  # [R, k+d+1]
+        n_new = m - 1 - d
+        recorder = _StepStats(tie)
+        seqs = _generate(info, start, n_new, recorder, synced)
+        gen[rows, d + 1 :] = seqs[:, k + d + 1 :]
+        out.entropy[rows, w + d + 1 :] = torch.stack(recorder.entropy[:n_new], dim=1)
+        near_tie[rows] |= torch.stack(recorder.ties[:n_new], dim=1).any(dim=1)
+
+
+def _decode(
+    info: ModelInfo,
+    x: torch.Tensor,
+    first_miss: torch.Tensor,
+    gen: torch.Tensor,
+    out: _Batch,
+    k: int,
+    w: int,
+    tie: _TieRule,
+    near_tie: torch.Tensor,
+    sync: Any,
+) -> str:
+    """Greedy decoding of the rows that diverged before the last token; returns the path taken for this batch.
+
+    gen: [B, m] greedy tokens, filled up to each row's divergence point on entry and completed here. Under
+    `sync`, ranks agree on the path and pad to the same number of forward (or `generate`) calls.
+    """
+    m = gen.shape[1]
+    cache, out.cache = out.cache, None  # ours alone now, so the slower path can free it
+    need = (m - 1 - first_miss).clamp(min=0)  # [B] decoding steps per row
+    todo = torch.nonzero(need > 0).flatten()
+    order = todo[torch.argsort(need[todo], stable=True)]  # fewest steps first
+    steps = need[order].tolist()  # one host sync per batch: the step counts decide the loop shape
+    path = _choose_path(info, cache, steps, k, m)
+    # Under sync, ranks agree on the path and on the number of calls before any call: a collective of our own
+    # issued while another rank is inside a forward (or `generate`'s synced loop) would not line up with it.
+    agreed = PATHS[sync.max(PATHS.index(path))] if sync is not None else path
+    if agreed == "cache-reuse":
+        calls = steps[-1] if steps else 0
+        padding = (sync.max(calls) if sync is not None else calls) - calls
+        if steps:
+            _decode_from_cache(info, cache, order, steps, first_miss, gen, out, k, w, tie, near_tie)
+        for _ in range(padding):
+            _dummy_forward(info)
+    elif agreed == "recompute":
+        _require_generate(info, cache)  # after the agreement, so that every rank refuses alike
+        del cache
+        points = sorted({m - 1 - s for s in steps})  # one `generate` call per divergence point
+        padding = (sync.max(len(points)) if sync is not None else len(points)) - len(points)
+        _decode_by_generate(
+            info, x, order, points, first_miss, gen, out, k, w, tie, near_tie, sync is not None
+        )
+        for _ in range(padding):
+            _generate(info, torch.zeros((1, 1), dtype=torch.long, device=info.device), 1, None, True)
+    return agreed if steps else "none"
 
 
 def _dummy_forward(info: ModelInfo) -> None:
@@ -331,10 +507,10 @@ def _dummy_forward(info: ModelInfo) -> None:
 
 
 def _run_batch(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie_margin: float, sync: Any = None
-) -> dict[str, np.ndarray]:
+    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie: _TieRule, sync: Any = None
+) -> tuple[dict[str, np.ndarray], str]:
     full = mode == "full"
-    out, cache = _teacher_forced(info, x, k, m, w, use_cache=full)
+    out = _teacher_forced(info, x, k, m, w, tie, use_cache=full)
     suffix = x[:, k:]
     hit = out.tf_argmax == suffix  # [B, m] teacher-forced argmax equals the true token
     all_hit = hit.all(dim=1)
@@ -342,23 +518,20 @@ def _run_batch(
     cols = torch.arange(m, device=x.device)
     # Greedy steps up to and including the divergence are exactly the teacher-forced argmaxes.
     greedy_known = cols.unsqueeze(0) <= first_miss.unsqueeze(1)  # [B, m]
-    near_tie = ((out.tf_margin < tie_margin) & greedy_known).any(dim=1)
+    near_tie = (out.tf_tie & greedy_known).any(dim=1)
     result = {
         "exact": all_hit,
         "prefix_match_len": first_miss,
         "suffix_nll": out.nll.mean(dim=1),
     }
+    decoding = "none"
     if full:
         gen = torch.where(cols.unsqueeze(0) < first_miss.unsqueeze(1), suffix, out.tf_argmax)
-        agreed = sync.max(int((m - 1 - first_miss).clamp(min=0).max())) if sync is not None else None
-        ran = _decode(info, cache, x, first_miss, gen, out, k, m, w, tie_margin, near_tie)
-        for _ in range((agreed or 0) - ran):
-            _dummy_forward(info)
+        decoding = _decode(info, x, first_miss, gen, out, k, w, tie, near_tie, sync)
         result["generated"] = gen
-    del cache
     result["entropy"] = out.entropy
     result["near_tie"] = near_tie
-    return {name: t.cpu().numpy() for name, t in result.items()}
+    return {name: t.cpu().numpy() for name, t in result.items()}, decoding
 
 
 def extract(
@@ -391,8 +564,8 @@ def extract(
             `edit_similarity`).
         amp_dtype: None (the model's dtype), "bf16" or "fp16": autocast for the forward passes. Log-softmax and
             all statistics are computed in fp32 regardless.
-        tie_margin: top-1/top-2 logit margin under which a greedy step counts as a near tie; None picks one for
-            the compute dtype.
+        tie_margin: an absolute top-1/top-2 logit margin under which a greedy step counts as a near tie; None
+            (default) uses `tie_threshold`: TIE_ULPS units in the last place of the top logit in the compute dtype.
         memory_budget: bytes the automatic batch size may plan for (default: 1 GiB on CPU, half the free
             memory on CUDA).
         progress: called as progress(rows_done, rows_total) after each batch.
@@ -435,8 +608,7 @@ def extract(
             f"got values from {lo} to {hi}. Were the probes tokenized with another tokenizer?"
         )
     compute_dtype = amp or info.param_dtype
-    if tie_margin is None:
-        tie_margin = DEFAULT_TIE_MARGIN.get(compute_dtype, DEFAULT_TIE_MARGIN[torch.float32])
+    tie = _TieRule(compute_dtype, None if tie_margin is None else float(tie_margin))
     act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
     bs = batch_size or _auto_batch_size(info, n, k, m, w, mode, act_bytes, memory_budget)
     extra_batches = 0
@@ -449,15 +621,18 @@ def extract(
         else contextlib.nullcontext()
     )
     parts: list[dict[str, np.ndarray]] = []
+    paths: list[str] = []
     with preserved_state(model), autocast:
         for start in range(0, n, bs):
             x = x_all[start : start + bs].to(info.device, non_blocking=True)
-            parts.append(_run_batch(info, x, k, m, w, mode, float(tie_margin), sync))
+            part, path = _run_batch(info, x, k, m, w, mode, tie, sync)
+            parts.append(part)
+            paths.append(path)
             if progress is not None:
                 progress(min(start + bs, n), n)
         for _ in range(extra_batches):  # another rank has more batches: join its forward calls, keep nothing
-            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, float(tie_margin), sync)
-    return _assemble(parts, x_all[:, k:].numpy(), k, m, w, mode)
+            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, tie, sync)
+    return _assemble(parts, paths, x_all[:, k:].numpy(), k, m, w, mode)
 
 
 def _repeat_cache(cache: object, n: int) -> object:
@@ -515,22 +690,29 @@ def suffix_nll_after_prefix(
     )
     out = []
     with preserved_state(model), autocast:
-        logits, cache = _forward(info, 1, input_ids=p.to(info.device), use_cache=True)
+        prefix_dev = p.to(info.device)
+        logits, cache = _forward(info, 1, input_ids=prefix_dev, use_cache=True)
         first = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]: predicts every suffix's first token
+        # The prefix's cache serves every suffix when it is a plain buffer the suffixes can extend; otherwise
+        # (recurrent state, a window the suffix would slide) each row runs prefix + suffix, at the same call count.
+        if info.cache_kwarg is None or cache is None or not reusable_cache(cache, info.config, k + m - 1):
+            cache = None
         for start in range(0, r, bs):
             chunk = sfx[start : start + bs].to(info.device)
             nll = -first[chunk[:, 0]]
             if m > 1:
-                logits, _ = _forward(
-                    info,
-                    m - 1,
-                    input_ids=chunk[:, :-1],
-                    past_key_values=_repeat_cache(cache, len(chunk)),
-                    use_cache=True,
-                )
-                _ent, _amax, _margin, lse = _stats(logits, host_checks=True)
-                target = logits.gather(-1, chunk[:, 1:].unsqueeze(-1)).squeeze(-1).float()
-                nll = nll + (lse - target).sum(dim=1)
+                if cache is not None:
+                    logits, _ = _forward(
+                        info,
+                        m - 1,
+                        cache=_repeat_cache(cache, len(chunk)),
+                        input_ids=chunk[:, :-1],
+                        use_cache=True,
+                    )
+                else:
+                    rows = torch.cat([prefix_dev.expand(len(chunk), -1), chunk[:, :-1]], dim=1)
+                    logits, _ = _forward(info, m - 1, input_ids=rows, use_cache=False)
+                nll = nll + _stats(logits, chunk[:, 1:], consume=True).nll.sum(dim=1)  # type: ignore[union-attr]
             out.append((nll / m).cpu())
         for _ in range(extra_chunks):
             _dummy_forward(info)
@@ -538,7 +720,13 @@ def suffix_nll_after_prefix(
 
 
 def _assemble(
-    parts: list[dict[str, np.ndarray]], suffix: np.ndarray, k: int, m: int, w: int, mode: str
+    parts: list[dict[str, np.ndarray]],
+    paths: list[str],
+    suffix: np.ndarray,
+    k: int,
+    m: int,
+    w: int,
+    mode: str,
 ) -> ExtractionResult:
     cat = {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
     generated = cat.get("generated")
@@ -563,4 +751,5 @@ def _assemble(
         entropy=cat["entropy"].astype(np.float32),
         suffix_nll=cat["suffix_nll"].astype(np.float32),
         near_tie=cat["near_tie"].astype(bool),
+        decoding=ExtractionResult.combine_decodings(paths),
     )

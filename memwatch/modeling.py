@@ -6,14 +6,18 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
     "ModelInfo",
+    "generation_scope",
     "inspect_model",
+    "output_cache",
     "preserved_state",
+    "reusable_cache",
     "unwrap_model",
 ]
 
@@ -61,6 +65,7 @@ class ModelInfo:
     """What the engine needs to know about a model, read once per call."""
 
     call: nn.Module  # the module whose forward we call
+    model: nn.Module  # the Hugging Face model inside it (the one with `generate`)
     config: object
     class_name: str
     vocab_size: int
@@ -68,6 +73,8 @@ class ModelInfo:
     device: torch.device
     param_dtype: torch.dtype
     logits_kwarg: str | None  # "logits_to_keep", "num_logits_to_keep" or None (full logits, then sliced)
+    cache_kwarg: str | None  # "cache" (transformers 5), "past_key_values" (4.x) or None (none to pass back)
+    takes_position_ids: bool  # forward accepts explicit position ids (needed to decode past masked slots)
     n_layers: int
     hidden_size: int
     kv_dim: int  # key/value width per layer (kv heads × head dim)
@@ -137,12 +144,16 @@ def inspect_model(model: nn.Module) -> ModelInfo:
     vocab = _cfg(config, "vocab_size") or int(inner.get_output_embeddings().weight.shape[0])
     params = inspect.signature(inner.forward).parameters
     logits_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    # transformers 5 renames `past_key_values` to `cache` (the old name warns, and goes in 5.40): the signature
+    # says which one this version's forward takes.
+    cache_kwarg = next((k for k in ("cache", "past_key_values") if k in params), None)
     hidden = _cfg(config, "hidden_size", "n_embd", "d_model", default=0) or 0
     n_heads = _cfg(config, "num_attention_heads", "n_head", default=1) or 1
     head_dim = _cfg(config, "head_dim", default=hidden // n_heads if hidden else 0) or 0
     kv_heads = _cfg(config, "num_key_value_heads", default=n_heads) or n_heads
     return ModelInfo(
         call=call,
+        model=inner,
         config=config,
         class_name=name,
         vocab_size=int(vocab),
@@ -150,6 +161,8 @@ def inspect_model(model: nn.Module) -> ModelInfo:
         device=weight.device,
         param_dtype=weight.dtype,
         logits_kwarg=logits_kwarg,
+        cache_kwarg=cache_kwarg,
+        takes_position_ids="position_ids" in params,
         n_layers=_cfg(config, "num_hidden_layers", "n_layer", "num_layers", default=1) or 1,
         hidden_size=hidden,
         kv_dim=kv_heads * head_dim,
@@ -157,6 +170,107 @@ def inspect_model(model: nn.Module) -> ModelInfo:
         or 4 * hidden,
         n_heads=n_heads,
     )
+
+
+def output_cache(output: Any, model: object = None) -> object | None:
+    """The cache a forward returned, or None. Read by key: transformers 5 keeps `past_key_values` only as a
+    deprecated property (it warns, and goes in 5.40), while 4.x outputs have no `cache` field.
+
+    transformers 4.x models that take Cache objects still return the legacy tuple format unless given a Cache, and
+    warn when the tuple is passed back: theirs is returned as the DynamicCache they expect.
+    """
+    keys = set(output.keys()) if callable(getattr(output, "keys", None)) else set()
+    cache = next((output[key] for key in ("cache", "past_key_values") if key in keys), None)
+    dynamic = _cache_classes().get("DynamicCache")
+    if isinstance(cache, tuple) and getattr(model, "_supports_cache_class", False) and dynamic is not None:
+        return dynamic.from_legacy_cache(cache)
+    return cache
+
+
+def _cache_classes() -> dict[str, type]:
+    try:
+        from transformers import cache_utils
+    except ImportError:  # pragma: no cover - transformers is how these models exist at all
+        return {}
+    names = ("DynamicCache", "DynamicLayer", "DynamicSlidingWindowLayer")
+    return {n: getattr(cache_utils, n) for n in names if hasattr(cache_utils, n)}
+
+
+def _windowed(config: object) -> bool:
+    """Whether a config declares sliding or local attention anywhere (for caches that do not say per layer)."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    attention_layers = getattr(config, "attention_layers", None) or ()  # GPT-Neo: "global" / "local"
+    return (
+        getattr(config, "sliding_window", None) is not None
+        or any(t != "full_attention" for t in layer_types)
+        or "local" in attention_layers
+    )
+
+
+def _key_value_pairs(cache: object) -> bool:
+    """A legacy cache of one (key, value) pair of [batch, heads, slots, dim] tensors per layer (not, e.g., GPT
+    BigCode's fused key-value tensors, which slicing by pairs would mangle)."""
+    return isinstance(cache, tuple | list) and all(
+        isinstance(layer, tuple | list) and len(layer) == 2 and all(getattr(t, "ndim", 0) == 4 for t in layer)
+        for layer in cache
+    )
+
+
+def reusable_cache(cache: object, config: object, slots: int) -> bool:
+    """Whether a cache is a plain append buffer that may be cropped, row-selected and extended to `slots` positions.
+
+    Exact classes only, since a subclass may add state those operations do not know about (quantized, offloaded,
+    indexer keys): transformers' DynamicCache whose layers are all plain key/value lists (DynamicLayer), or
+    sliding-window layers whose window `slots` never reaches (they then keep every slot and mask none). Caches
+    without per-layer objects (transformers < 4.56: a legacy tuple or a DynamicCache of lists) qualify only for
+    models with no sliding or local window, since the window is then applied by the model, from slot positions.
+    Recurrent state, static, hybrid or quantized caches never qualify.
+    """
+    classes = _cache_classes()
+    dynamic = classes.get("DynamicCache")
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return (_key_value_pairs(cache) or type(cache) is dynamic) and not _windowed(config)
+    if type(cache) is not dynamic or getattr(cache, "offloading", False) or not layers:
+        return False
+    plain, sliding = classes.get("DynamicLayer"), classes.get("DynamicSlidingWindowLayer")
+
+    def unslid(layer: object) -> bool:
+        return not getattr(layer, "record_past", False) and slots < layer.sliding_window  # type: ignore[attr-defined]
+
+    return all(type(layer) is plain or (type(layer) is sliding and unslid(layer)) for layer in layers)
+
+
+# Generation settings that say how the model must be run rather than which token it picks (transformers 4.x
+# Gemma 2, for one, needs its "hybrid" cache): kept from the model's own generation config.
+_RUN_SETTINGS = ("cache_implementation", "cache_config")
+
+
+@contextlib.contextmanager
+def generation_scope(info: ModelInfo, **settings: Any) -> Iterator[Any]:
+    """Where `info.model.generate` may run as plain greedy decoding, leaving the model as found. Yields the
+    GenerationConfig to pass: `settings` plus the model's _RUN_SETTINGS.
+
+    The model's own generation config is swapped for that one for the duration, since `generate` (5.x) fills every
+    setting the passed config leaves unset from the model's: a checkpoint's repetition penalty, EOS or minimum
+    length would otherwise change the continuation. Under FSDP (version 1) the root wrapper's own parameters are
+    gathered too, since `generate` calls the inner model and so bypasses the wrapper's forward, which gathers them.
+    """
+    from transformers import GenerationConfig
+
+    model = info.model
+    saved = model.generation_config
+    run = {name: getattr(saved, name) for name in _RUN_SETTINGS if getattr(saved, name, None) is not None}
+    config = GenerationConfig(**run, **settings)
+    model.generation_config = config
+    try:
+        if type(info.call).__name__ in _SHARDING_NAMES:
+            with type(info.call).summon_full_params(info.call, recurse=False, writeback=False):
+                yield config
+        else:
+            yield config
+    finally:
+        model.generation_config = saved
 
 
 @contextlib.contextmanager

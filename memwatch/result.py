@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -17,6 +17,9 @@ class ExtractionResult:
     `generated`, `match_ratio`, `match_count` and `edit_similarity` are None in mode "exact" (no free decoding).
     Entropy column j is the entropy (nats) of the distribution predicting token k - w + j: teacher-forced on the
     true sequence for j < w, along the greedy path for j >= w (teacher-forced on the true suffix in mode "exact").
+    `decoding` says how the rows that diverged from their suffix were decoded: "cache-reuse" (from the
+    teacher-forced pass's cache), "recompute" (by `generate`, for models whose cache cannot be reused), both
+    joined by "+" when batches differed, "none" when nothing was decoded, "unknown" when not recorded.
     """
 
     prefix_len: int
@@ -32,6 +35,7 @@ class ExtractionResult:
     entropy: np.ndarray  # float32 [N, w + m]
     suffix_nll: np.ndarray  # float32 [N]
     near_tie: np.ndarray  # bool [N]
+    decoding: str = "unknown"
 
     ARRAY_FIELDS = (
         "generated",
@@ -74,4 +78,11 @@ class ExtractionResult:
         for name in cls.ARRAY_FIELDS:
             values = [getattr(p, name) for p in parts]
             kw[name] = None if values[0] is None else np.concatenate(values, axis=0)
+        kw["decoding"] = cls.combine_decodings(p.decoding for p in parts)
         return ExtractionResult(**kw)
+
+    @staticmethod
+    def combine_decodings(paths: Iterable[str]) -> str:
+        """One `decoding` label for rows decoded in several parts: the paths that decoded anything, joined by "+"."""
+        used = sorted({path for label in paths for path in label.split("+")} - {"none"})
+        return "+".join(used) if used else "none"

@@ -1,9 +1,11 @@
-"""Tiny causal LMs built from configs (no hub access), and a model trained here to memorize some rows."""
+"""Tiny causal LMs built from configs (no hub access), a model trained here to memorize some rows, and the naive
+reference every extraction is checked against (per-row HF generate and a plain forward, statistics in fp64)."""
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from transformers import (
     GPT2Config,
@@ -81,3 +83,116 @@ def trained_model(arch: str = "gpt2", k: int = 16, m: int = 16, steps: int = 200
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def wide_llama(
+    seed: int = 0, vocab: int = 32_000, spread: float = 6.0, offset: float = 40.0
+) -> torch.nn.Module:
+    """A tiny Llama with a real-sized vocabulary and an untied lm_head whose logits reach +-50 and more: a spread
+    of `spread` across the vocabulary on top of a per-position offset of about `offset` shared by every token (as
+    real LMs have), the regime where fp32 statistics computed without a max shift lose precision."""
+    torch.manual_seed(seed)
+    hidden = 32
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        head = (
+            model.get_output_embeddings().weight
+        )  # [V, hidden]; RMS-normed hidden states have norm ~sqrt(hidden)
+        head.mul_(spread / (head.std() * hidden**0.5))
+        shared = torch.randn(hidden)
+        head.add_(offset * shared / shared.norm())  # the same h . shared added to every token's logit
+    return model.eval()
+
+
+def fp64_entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def levenshtein(a: list[int], b: list[int]) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def generate_row(model, prefix: torch.Tensor, m: int):
+    """Greedy HF generate of m tokens after prefix [1, k]: explicit all-ones mask, no EOS, with its step logits."""
+    gen = model.generate(
+        prefix,
+        attention_mask=torch.ones_like(prefix),
+        max_new_tokens=m,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    assert gen.sequences.shape[1] == prefix.shape[1] + m, "generation stopped early"
+    return gen.sequences[0, prefix.shape[1] :], torch.stack([lg[0] for lg in gen.logits])  # [m], [m, V]
+
+
+def reference(
+    model, seqs: torch.Tensor, k: int, m: int, w: int, tie_margin: float | None = None
+) -> dict[str, np.ndarray]:
+    """Row by row: HF generate (greedy, no EOS stop) for the continuation and its entropies, a forward for the
+    rest, all statistics in fp64. near_tie: a generate step's top-1/top-2 margin below `tie_margin`, or below
+    memwatch's fp32 tie_threshold of its top logit when None."""
+    out: dict[str, list] = {n: [] for n in ("generated", "entropy", "suffix_nll", "near_tie")}
+    model.eval()
+    with torch.no_grad():
+        for row in seqs:
+            x = row[None, : k + m]
+            tokens, step_logits = generate_row(model, x[:, :k], m)
+            full = model(x).logits[0]  # [k+m, V]
+            logp = torch.log_softmax(full.double(), dim=-1)
+            nll = -logp[k - 1 : k + m - 1].gather(-1, x[0, k:, None]).squeeze(-1)
+            top2 = step_logits.float().topk(2, dim=-1).values
+            if tie_margin is None:
+                from memwatch.extraction import tie_threshold
+
+                limit = tie_threshold(top2[:, 0], torch.float32)
+            else:
+                limit = tie_margin
+            out["generated"].append(tokens.numpy())
+            out["entropy"].append(
+                torch.cat([fp64_entropy(full[k - w - 1 : k - 1]), fp64_entropy(step_logits)]).numpy()
+            )
+            out["suffix_nll"].append(nll.mean().item())
+            out["near_tie"].append(bool((top2[:, 0] - top2[:, 1] < limit).any()))
+    ref = {n: np.array(v) for n, v in out.items()}
+    suffix = seqs[:, k : k + m].numpy()
+    eq = ref["generated"] == suffix
+    ref["exact"] = eq.all(1)
+    ref["match_ratio"] = eq.mean(1)
+    ref["prefix_match_len"] = np.array([m if r.all() else int(np.argmin(r)) for r in eq])
+    ref["edit_similarity"] = np.array(
+        [1 - levenshtein(list(g), list(s)) / m for g, s in zip(ref["generated"], suffix, strict=True)]
+    )
+    return ref
+
+
+def assert_matches(res, ref: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(res.generated, ref["generated"])
+    np.testing.assert_array_equal(res.exact, ref["exact"])
+    np.testing.assert_array_equal(res.prefix_match_len, ref["prefix_match_len"])
+    np.testing.assert_allclose(res.match_ratio, ref["match_ratio"], atol=1e-6)
+    np.testing.assert_allclose(res.edit_similarity, ref["edit_similarity"], atol=1e-6)
+    np.testing.assert_allclose(res.entropy, ref["entropy"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(res.suffix_nll, ref["suffix_nll"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(res.near_tie, ref["near_tie"])
