@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import memwatch
-from memwatch.extraction import tie_threshold
+from memwatch.engine.extraction import tie_threshold
 
 
 class Report:

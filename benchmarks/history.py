@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from memwatch.history import HistoryStore
+from memwatch.store.history import HistoryStore
 
 GOAL = 100_000
 

@@ -80,7 +80,7 @@ def main() -> None:
             rates[label] = (args.steps - args.warmup) / window
             line = f"{label:26s} {rates[label]:6.2f} steps/s (steady, steps {args.warmup}-{args.steps}), total {total:6.1f}s"
             if mw is not None:
-                from memwatch.analysis import History
+                from memwatch.store.runs import History
 
                 m = mw.monitor
                 with History(out) as h:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 from memwatch import History
-from memwatch.report import render_html
+from memwatch.posthoc.report import render_html
 
 FLAGS = [
     "--headless",

@@ -14,7 +14,7 @@ import argparse
 import os
 
 from memwatch import History
-from memwatch.scan import scan
+from memwatch.posthoc.scan import scan
 
 
 def main() -> None:

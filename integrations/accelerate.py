@@ -6,9 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from memwatch.config import MonitorConfig
-from memwatch.monitor import Monitor, SetupError
-from memwatch.record import EvalRecord
+from memwatch import EvalRecord, Monitor, MonitorConfig, SetupError
 
 __all__ = ["MemWatch"]
 

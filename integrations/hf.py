@@ -7,8 +7,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from memwatch.config import MonitorConfig
-from memwatch.monitor import Monitor
+from memwatch import Monitor, MonitorConfig
 
 __all__ = ["MemWatchCallback"]
 

@@ -16,8 +16,7 @@ except ImportError:  # pragma: no cover - the standalone package
             "memwatch.integrations.lightning needs Lightning: pip install 'memwatch[lightning]' (or lightning)"
         ) from exc
 
-from memwatch.config import MonitorConfig
-from memwatch.monitor import Monitor, SetupError
+from memwatch import Monitor, MonitorConfig, SetupError
 
 __all__ = ["MemWatchLightningCallback"]
 

@@ -9,29 +9,37 @@ __version__ = "0.1.0"
 
 # Public names, loaded on first use so that `import memwatch` (and `memwatch --help`) never imports torch.
 _LAZY = {
-    "extract": "memwatch.extraction",
-    "ExtractionResult": "memwatch.extraction",
+    "extract": "memwatch.engine.extraction",
+    "ExtractionResult": "memwatch.engine.extraction",
     "MonitorConfig": "memwatch.config",
     "AlertConfig": "memwatch.config",
-    "Monitor": "memwatch.monitor",
+    "Monitor": "memwatch.live.monitor",
+    "SetupError": "memwatch.live.monitor",
+    "EvalRecord": "memwatch.record",
+    "ConfigError": "memwatch.config",
+    "scan": "memwatch.posthoc.scan",
     "Probe": "memwatch.probes",
     "MemWatchCallback": "memwatch.integrations.hf",
     "exposure": "memwatch.signals.exposure",
-    "History": "memwatch.analysis",
+    "History": "memwatch.store.runs",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .analysis import History as History
-    from .config import AlertConfig as AlertConfig
-    from .config import MonitorConfig as MonitorConfig
-    from .extraction import ExtractionResult as ExtractionResult
-    from .extraction import extract as extract
-    from .integrations.hf import MemWatchCallback as MemWatchCallback
-    from .monitor import Monitor as Monitor
-    from .probes import Probe as Probe
-    from .signals.exposure import exposure as exposure
+    from memwatch.config import AlertConfig as AlertConfig
+    from memwatch.config import ConfigError as ConfigError
+    from memwatch.config import MonitorConfig as MonitorConfig
+    from memwatch.engine.extraction import ExtractionResult as ExtractionResult
+    from memwatch.engine.extraction import extract as extract
+    from memwatch.integrations.hf import MemWatchCallback as MemWatchCallback
+    from memwatch.live.monitor import Monitor as Monitor
+    from memwatch.live.monitor import SetupError as SetupError
+    from memwatch.posthoc.scan import scan as scan
+    from memwatch.probes import Probe as Probe
+    from memwatch.record import EvalRecord as EvalRecord
+    from memwatch.signals.exposure import exposure as exposure
+    from memwatch.store.runs import History as History
 
 
 def __getattr__(name: str) -> Any:

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .config import AlertConfig
-from .record import EvalRecord
+from memwatch.config import AlertConfig
+from memwatch.record import EvalRecord
 
 __all__ = [
     "Alert",
@@ -612,7 +612,7 @@ class AlertSinks:
 
 def jsonl_sink(path: str) -> Callable[[Alert], None]:
     """Append alerts as JSON lines to `path` (mode 0600, each record whole or not at all, never through a link)."""
-    from .files import append_line, private_makedirs
+    from memwatch.store.files import append_line, private_makedirs
 
     private_makedirs(os.path.dirname(os.path.abspath(path)))
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .probes import Probe
+from memwatch.probes import Probe
 
 __all__ = [
     "DEFAULT_TIERS",
@@ -753,7 +753,7 @@ def preflight(
     packed), up to `scan_limit` rows are searched for each secret's token ids. Raises CanaryError naming the
     canary and the fix; returns the probe window of each inserted canary as it appears in the data.
     """
-    from .probes import example_tokens
+    from memwatch.probes import example_tokens
 
     manifest.check_spec(prefix_len, suffix_len)
     if dataset is None:

@@ -10,7 +10,7 @@ __all__ = ["build_parser", "main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoSettings, run_demo
+    from memwatch.demo import DemoSettings, run_demo
 
     run_demo(
         DemoSettings(steps=args.steps, out=args.out, every=args.every, seed=args.seed, live=not args.no_live)
@@ -22,7 +22,7 @@ def _scan(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .scan import scan
+    from memwatch.posthoc.scan import scan
 
     console = Console(stderr=True)
     progress = Progress(
@@ -50,7 +50,7 @@ def _scan(args: argparse.Namespace) -> int:
         def on_batch(done, total):
             progress.update(batch_task, completed=done, total=total)
 
-        from .scan import find_checkpoints
+        from memwatch.posthoc.scan import find_checkpoints
 
         args._n_ckpts = len(
             find_checkpoints(args.sources, args.revisions.split(",") if args.revisions else None)
@@ -86,22 +86,22 @@ def _scan(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from .analysis import History, report_dict
+    from memwatch.store.runs import History, report_dict
 
     with History(args.path) as history:
         history.require_runs()
         if args.format == "json":
             text = json.dumps(report_dict(history), indent=1, allow_nan=False, default=str) + "\n"
         elif args.format == "csv":
-            from .report import render_csv
+            from memwatch.posthoc.report import render_csv
 
             text = render_csv(history)
         elif args.format == "html":
-            from .report import render_html
+            from memwatch.posthoc.report import render_html
 
             text = render_html(history, from_step=args.from_step, to_step=args.to_step)
         elif args.format == "pythia-csv":
-            from .report import write_pythia_csv
+            from memwatch.posthoc.report import write_pythia_csv
 
             if not args.out:
                 raise _Usage("--format pythia-csv writes one file per checkpoint: give --out DIR")
@@ -109,7 +109,7 @@ def _report(args: argparse.Namespace) -> int:
             print(f"wrote {len(paths)} file(s) to {args.out}")
             return 0
         else:
-            from .report import render_text
+            from memwatch.posthoc.report import render_text
 
             text = render_text(history, from_step=args.from_step, to_step=args.to_step)
     if args.out:
@@ -124,8 +124,8 @@ def _report(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from .analysis import History
-    from .report import compare_dict, render_compare
+    from memwatch.posthoc.report import compare_dict, render_compare
+    from memwatch.store.runs import History
 
     def load(spec: str):
         path, _, run = spec.partition("::")
@@ -140,8 +140,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _export_tb(args: argparse.Namespace) -> int:
-    from .analysis import History
-    from .reporters.tensorboard import export_history
+    from memwatch.reporters.tensorboard import export_history
+    from memwatch.store.runs import History
 
     with History(args.path) as history:
         history.require_runs()
@@ -153,7 +153,7 @@ def _export_tb(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from .history import recover
+    from memwatch.store.history import recover
 
     got = recover(args.source, args.target)
     print(
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memwatch", description="Training-time memorization monitor for language models."
     )
-    from . import __version__
+    from memwatch import __version__
 
     parser.add_argument("--version", action="version", version=f"memwatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import sqlite3
 
-    from .history import HistoryError
+    from memwatch.store.history import HistoryError
 
     errors: tuple[type[BaseException], ...] = (
         HistoryError,
@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sqlite3.DatabaseError,
     )
     try:
-        from .scan import ScanError
+        from memwatch.posthoc.scan import ScanError
 
         errors += (ScanError,)
         return int(args.func(args) or 0)

@@ -34,7 +34,7 @@ def _check_fraction(name: str, value: Any, *, low_open: bool = True) -> None:
 
 
 def _check_signals(signals: Any) -> None:
-    from .signals import REGISTRY
+    from memwatch.signals import REGISTRY
 
     if not isinstance(signals, Mapping) or not all(isinstance(v, bool) for v in signals.values()):
         raise ConfigError(
@@ -347,7 +347,7 @@ class MonitorConfig:
     def spec(self) -> dict[str, Any]:
         """The extraction spec recorded with every evaluation. Its entropy_window is the one measured: 0 when no
         enabled signal or statistic reads the prefix's entropies (the engine then keeps only the suffix's logits)."""
-        from .signals import REGISTRY
+        from memwatch.signals import REGISTRY
 
         needs = REGISTRY.products(self.signals, self.mode)
         return {

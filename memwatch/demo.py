@@ -114,10 +114,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from . import MonitorConfig
-    from .bytetok import ByteTokenizer
-    from .canaries import inject, make_canaries
-    from .integrations.hf import MemWatchCallback
+    from memwatch import MonitorConfig
+    from memwatch.bytetok import ByteTokenizer
+    from memwatch.canaries import inject, make_canaries
+    from memwatch.integrations.hf import MemWatchCallback
 
     console = Console()
     hf_logging.set_verbosity_error()
@@ -220,7 +220,7 @@ class _LiveView:
     def _render(self) -> Any:
         from rich.console import Group
 
-        from .reporters.console import record_table, tier_table
+        from memwatch.reporters.console import record_table, tier_table
 
         parts: list[Any] = [self.progress]
         record = self.callback.monitor.last_record
@@ -292,7 +292,7 @@ def _summary(callback: Any, settings: DemoSettings, elapsed: float) -> dict[str,
 
 
 def _print_summary(console: Any, summary: dict[str, Any], settings: DemoSettings) -> None:
-    from .reporters.console import tier_table
+    from memwatch.reporters.console import tier_table
 
     title = f"dose-response after {summary['steps']} steps ({summary['seconds']:.0f}s)"
     console.print(tier_table(summary["tiers"], title=title))

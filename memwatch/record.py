@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .result import ExtractionResult
-from .signals import REGISTRY, Registry, Scope
-from .signals.buckets import BUCKET_NAMES, bucket_signal
+from memwatch.engine.result import ExtractionResult
+from memwatch.signals import REGISTRY, Registry, Scope
+from memwatch.signals.buckets import BUCKET_NAMES, bucket_signal
 
 __all__ = [
     "DEFAULT_PAIRS",
@@ -211,8 +211,15 @@ class EvalRecord:
         ]
 
 
-def _clean(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
+def finite_or_none(value: Any) -> Any:
+    """JSON-friendly: NaN and infinities as None, numpy scalars as Python numbers, anything else as it is."""
+    if value is None:
+        return None
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def tier_row(step: int, stats: Mapping[str, float], repetitions: int) -> dict[str, Any]:
@@ -224,14 +231,14 @@ def tier_row(step: int, stats: Mapping[str, float], repetitions: int) -> dict[st
         "inserted": int(stats.get("n", 0)),
         "inserted_extracted": int(stats.get("extracted", 0) or 0),
         "twins": int(stats.get("twins_n", 0)),
-        "twins_extracted": int(_clean(stats.get("twins_extracted")) or 0),
-        "median_exposure": _clean(stats.get("median_exposure")),
-        "twins_median_exposure": _clean(stats.get("twins_median_exposure")),
-        "mean_match_ratio": _clean(stats.get("mean_match_ratio")),
+        "twins_extracted": int(finite_or_none(stats.get("twins_extracted")) or 0),
+        "median_exposure": finite_or_none(stats.get("median_exposure")),
+        "twins_median_exposure": finite_or_none(stats.get("twins_median_exposure")),
+        "mean_match_ratio": finite_or_none(stats.get("mean_match_ratio")),
         "first_memorized_step": int(first) if math.isfinite(first) else None,
     }
     legacy = {"n", "extracted", "twins_n", "twins_extracted", "first_memorized_step"}
-    row.update({k: _clean(v) for k, v in stats.items() if k not in row and k not in legacy})
+    row.update({k: finite_or_none(v) for k, v in stats.items() if k not in row and k not in legacy})
     return row
 
 

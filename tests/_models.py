@@ -164,7 +164,7 @@ def reference(
             nll = -logp[k - 1 : k + m - 1].gather(-1, x[0, k:, None]).squeeze(-1)
             top2 = step_logits.float().topk(2, dim=-1).values
             if tie_margin is None:
-                from memwatch.extraction import tie_threshold
+                from memwatch.engine.extraction import tie_threshold
 
                 limit = tie_threshold(top2[:, 0], torch.float32)
             else:

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from memwatch.engine.result import ExtractionResult
 from memwatch.record import EvalRecord, ProbeTracker, build_record, products_of
-from memwatch.result import ExtractionResult
 
 
 def record_of(

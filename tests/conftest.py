@@ -79,7 +79,7 @@ def _a_monitor_that_fails_cannot_pass(request, monkeypatch):
     """memwatch contains its own errors by design (training goes on), so a test could pass with a monitor that
     throws at every evaluation and switches itself off. Every Monitor a test creates must end without a recorded
     failure, unless the test injects faults on purpose (@pytest.mark.monitor_failures)."""
-    from memwatch.monitor import Monitor
+    from memwatch.live.monitor import Monitor
 
     created: list[weakref.ref] = []
     init = Monitor.__init__

@@ -62,7 +62,7 @@ def monitor_mode(kind, out):
     ]
     data, man = inject(rows, man)
     wrapped = wrap(model, kind)
-    from memwatch.distributed import needs_synced_forward
+    from memwatch.live.distributed import needs_synced_forward
 
     assert needs_synced_forward(wrapped) == kind.startswith("fsdp"), (
         kind
@@ -116,7 +116,7 @@ def setup_error_mode(kind, out):
     from _models import tiny_model
 
     from memwatch import Monitor, MonitorConfig
-    from memwatch.monitor import SetupError
+    from memwatch.live.monitor import SetupError
 
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()

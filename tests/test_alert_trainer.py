@@ -12,8 +12,8 @@ from test_canary_trainer import K, M, canary_setup, make_trainer
 from transformers import TrainerCallback
 
 from memwatch import AlertConfig, MemWatchCallback, MonitorConfig
-from memwatch.analysis import History, report_dict
 from memwatch.bytetok import ByteTokenizer
+from memwatch.store.runs import History, report_dict
 
 
 def config(**alerts):

@@ -14,9 +14,9 @@ from _records import record_of
 from memwatch import AlertConfig, MonitorConfig
 from memwatch.alerts import AlertEngine, WebhookSink
 from memwatch.config import ConfigError
-from memwatch.extraction import ExtractionResult
-from memwatch.history import HistoryStore
+from memwatch.engine.extraction import ExtractionResult
 from memwatch.record import ProbeTracker
+from memwatch.store.history import HistoryStore
 
 M = 4
 

@@ -19,7 +19,7 @@ import transformers as tf
 from _models import reference
 
 import memwatch
-from memwatch.extraction import suffix_nll_after_prefix
+from memwatch.engine.extraction import suffix_nll_after_prefix
 
 K, M, W = 16, 16, 4
 V = 300
@@ -277,8 +277,8 @@ def test_a_model_that_can_neither_reuse_its_cache_nor_generate_is_refused_by_nam
 
 
 def test_the_path_follows_the_cache_the_model_returned():
-    from memwatch.extraction import _choose_path
-    from memwatch.modeling import inspect_model, output_cache, reusable_cache
+    from memwatch.engine.extraction import _choose_path
+    from memwatch.engine.modeling import inspect_model, output_cache, reusable_cache
 
     def returned_cache(info):
         with torch.no_grad():
@@ -327,7 +327,7 @@ def test_the_models_own_generation_settings_do_not_change_the_recomputed_continu
 def _fsdp_worker(rank: int, world: int, store: str, kind: str, name: str, out: str) -> None:
     import torch.distributed as dist
 
-    from memwatch.distributed import Sync
+    from memwatch.live.distributed import Sync
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)

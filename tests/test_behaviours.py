@@ -16,8 +16,8 @@ from _models import VOCAB
 from test_trainer import K, M, make_trainer, read_events
 
 from memwatch import MemWatchCallback, MonitorConfig
-from memwatch.analysis import History
 from memwatch.cli import main
+from memwatch.store.runs import History
 
 
 def _rows(n, length, seed=0):
@@ -182,7 +182,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from _models import tiny_model
 from memwatch import Monitor, MonitorConfig
-from memwatch.monitor import SetupError
+from memwatch.live.monitor import SetupError
 monitor = Monitor(MonitorConfig(prefix_len=16, suffix_len=16, console=False), probes=[list(range(40))])
 try:
     monitor.setup(tiny_model("gpt2"), output_dir={out!r})

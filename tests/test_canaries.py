@@ -84,7 +84,7 @@ def test_tiers_aggregate_exposure_by_the_median():
     """One extrapolated canary at 190 bits does not set its tier's curve."""
     from _records import record_of
 
-    from memwatch.result import ExtractionResult
+    from memwatch.engine.result import ExtractionResult
 
     groups = ["canary"] * 3 + ["canary_heldout"] * 3
     metas = [{"repetitions": 4}] * 6

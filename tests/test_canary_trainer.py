@@ -14,11 +14,11 @@ from _models import tiny_model
 from transformers import Trainer, TrainingArguments
 
 from memwatch import MemWatchCallback, MonitorConfig
-from memwatch.analysis import History, report_dict
 from memwatch.bytetok import ByteTokenizer
 from memwatch.canaries import inject, make_canaries
 from memwatch.demo import stdlib_corpus
-from memwatch.monitor import SetupError
+from memwatch.live.monitor import SetupError
+from memwatch.store.runs import History, report_dict
 
 K, M, REFS = 16, 8, 128
 

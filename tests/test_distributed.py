@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from memwatch.analysis import History
-from memwatch.history import HistoryStore
+from memwatch.store.history import HistoryStore
+from memwatch.store.runs import History
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 

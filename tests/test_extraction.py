@@ -21,7 +21,7 @@ from _models import (
 )
 
 import memwatch
-from memwatch.extraction import ExtractionResult, suffix_nll_after_prefix
+from memwatch.engine.extraction import ExtractionResult, suffix_nll_after_prefix
 
 K, M, W = 16, 16, 8
 
@@ -328,7 +328,7 @@ def test_out_of_vocabulary_tokens():
 
 def test_statistics_with_masked_vocabulary_entries():
     """-inf logits (a masked vocabulary) give finite entropies equal to fp64's, without a host check."""
-    from memwatch.extraction import _stats
+    from memwatch.engine.extraction import _stats
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 50, generator=g) * 3
@@ -376,7 +376,7 @@ def test_statistics_match_fp64_with_a_32k_vocabulary_and_logits_beyond_50():
 
 
 def test_tie_threshold_is_a_few_units_in_the_last_place_of_the_top_logit():
-    from memwatch.extraction import tie_threshold
+    from memwatch.engine.extraction import tie_threshold
 
     # Hand-computed: TIE_ULPS = 4 times the spacing 2**(floor(log2 max(|x|, 1)) - mantissa bits).
     cases = {
@@ -457,7 +457,7 @@ def test_prefix_shared_suffix_nll_equals_the_full_teacher_forced_pass(arch):
 
 
 def test_statistics_stay_fp32_inside_autocast():
-    from memwatch.extraction import _stats
+    from memwatch.engine.extraction import _stats
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 6, 300, generator=g) * 12

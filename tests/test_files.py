@@ -12,7 +12,7 @@ import pytest
 from _models import memorizing_panel, trained_model
 
 from memwatch import Monitor, MonitorConfig
-from memwatch.files import LinkError, append_line, private_makedirs, read_jsonl
+from memwatch.store.files import LinkError, append_line, private_makedirs, read_jsonl
 
 
 def _mode(path) -> int:
@@ -67,7 +67,7 @@ def test_a_link_planted_in_the_output_directory_is_not_followed(tmp_path, caplog
     link = tmp_path / "linked"
     (link / "memwatch").mkdir(parents=True)
     (link / "memwatch" / "history.sqlite").symlink_to(tmp_path / "nowhere.sqlite")
-    from memwatch.monitor import SetupError
+    from memwatch.live.monitor import SetupError
 
     with pytest.raises(SetupError, match="is a symbolic link"):
         _monitor_run(link)
@@ -91,7 +91,7 @@ def test_private_makedirs_and_append_line(tmp_path):
 
 _FULL_DISK = """
 import json, os, resource, signal, sys
-from memwatch.files import append_line
+from memwatch.store.files import append_line
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
 path = sys.argv[1]
 append_line(path, json.dumps({"n": 1}))

@@ -7,7 +7,7 @@ import stat
 import numpy as np
 import pytest
 
-from memwatch.history import (
+from memwatch.store.history import (
     SCHEMA_VERSION,
     HistoryError,
     HistoryStore,
@@ -243,7 +243,7 @@ def _damaged_history(path, n=400, evals=12):
 
 
 def test_a_history_damaged_mid_file_is_refused_untouched_and_recoverable(tmp_path):
-    from memwatch.history import recover
+    from memwatch.store.history import recover
 
     path = _damaged_history(tmp_path / "h.sqlite")
     before = path.read_bytes()

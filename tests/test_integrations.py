@@ -8,7 +8,7 @@ import torch
 from _models import VOCAB, tiny_model
 
 from memwatch import AlertConfig, MonitorConfig
-from memwatch.analysis import History
+from memwatch.store.runs import History
 
 K = M = 16
 

@@ -145,7 +145,7 @@ def test_record_buckets_on_edges_for_m_20():
     both one bucket too high)."""
     from _records import record_of
 
-    from memwatch.result import ExtractionResult
+    from memwatch.engine.result import ExtractionResult
 
     m, counts = 20, np.array([4, 8, 12, 16, 19, 20])
     target = np.zeros((len(counts), m), np.int64)

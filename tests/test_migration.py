@@ -15,7 +15,7 @@ import pytest
 
 from memwatch import History
 from memwatch.cli import main
-from memwatch.history import SCHEMA_VERSION, HistoryStore
+from memwatch.store.history import SCHEMA_VERSION, HistoryStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "history-0.1.0.sqlite"

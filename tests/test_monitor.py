@@ -11,8 +11,8 @@ from _models import VOCAB, memorizing_panel, trained_model
 
 from memwatch import Monitor, MonitorConfig
 from memwatch.config import ConfigError
-from memwatch.history import HistoryStore
-from memwatch.monitor import Cadence, SetupError, nice_ceil
+from memwatch.live.monitor import Cadence, SetupError, nice_ceil
+from memwatch.store.history import HistoryStore
 
 
 def test_config_defaults_and_validation():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memwatch.cli import main
-from memwatch.history import HistoryStore
+from memwatch.store.history import HistoryStore
 
 SPEC = {"prefix_len": 4, "suffix_len": 4, "entropy_window": 2, "mode": "full"}
 
@@ -229,7 +229,7 @@ def test_compare_two_histories(tmp_path, capsys):
     a, b = tmp_path / "a.sqlite", tmp_path / "b.sqlite"
     build_known_history(a)
     build_known_history(b)
-    from memwatch.history import HistoryStore
+    from memwatch.store.history import HistoryStore
 
     with HistoryStore(b) as h:  # in B, probe b is not memorized at the end
         eid = h.evals(1)[-1]["eval_id"]
@@ -270,7 +270,7 @@ def test_every_help_answers_without_torch(command):
 def test_commands_fail_clearly_on_missing_and_corrupt_files(tmp_path, command):
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"\x00garbage" * 64)
-    from memwatch.history import HistoryStore
+    from memwatch.store.history import HistoryStore
 
     HistoryStore(str(tmp_path / "empty.sqlite")).close()  # a valid history without a run
     from test_history import _damaged_history
@@ -310,8 +310,8 @@ def test_history_library_api_and_pandas(tmp_path):
 
 
 def test_a_run_with_two_specs_reads_one(tmp_path):
-    from memwatch.analysis import History
-    from memwatch.history import HistoryStore
+    from memwatch.store.history import HistoryStore
+    from memwatch.store.runs import History
 
     path = tmp_path / "h.sqlite"
     build_known_history(path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_trainer import read_events
 
-from memwatch.analysis import History
+from memwatch.store.runs import History
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
 

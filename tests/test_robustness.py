@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_trainer import K, M, make_trainer
 
-import memwatch.extraction
+import memwatch.engine.extraction
 from memwatch import MemWatchCallback, MonitorConfig
-from memwatch.history import HistoryError, HistoryStore
-from memwatch.monitor import SetupError
+from memwatch.live.monitor import SetupError
+from memwatch.store.history import HistoryError, HistoryStore
 
 
 def cfg(**kw):
@@ -28,7 +28,7 @@ def alerts_of(out):
 
 @pytest.mark.monitor_failures
 def test_an_exception_in_extraction_is_logged_recorded_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    real = memwatch.extraction.extract
+    real = memwatch.engine.extraction.extract
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -37,7 +37,7 @@ def test_an_exception_in_extraction_is_logged_recorded_and_training_goes_on(tmp_
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(memwatch.extraction, "extract", flaky)
+    monkeypatch.setattr(memwatch.engine.extraction, "extract", flaky)
     cb = MemWatchCallback(cfg())
     trainer = make_trainer(tmp_path, [cb], steps=20)
     with caplog.at_level("WARNING", logger="memwatch"):
@@ -55,7 +55,7 @@ def test_repeated_failures_switch_the_monitor_off_and_strict_raises(tmp_path, mo
     def broken(*args, **kwargs):
         raise ValueError("always broken")
 
-    monkeypatch.setattr(memwatch.extraction, "extract", broken)
+    monkeypatch.setattr(memwatch.engine.extraction, "extract", broken)
     cb = MemWatchCallback(cfg(max_failures=3))
     trainer = make_trainer(tmp_path / "a", [cb], steps=30)
     with caplog.at_level("WARNING", logger="memwatch"):
@@ -71,7 +71,7 @@ def test_repeated_failures_switch_the_monitor_off_and_strict_raises(tmp_path, mo
 
 
 def test_out_of_memory_halves_the_batch_and_remembers(tmp_path, monkeypatch):
-    real = memwatch.extraction.extract
+    real = memwatch.engine.extraction.extract
     seen = []
 
     def small_memory(model, seqs, **kwargs):
@@ -80,7 +80,7 @@ def test_out_of_memory_halves_the_batch_and_remembers(tmp_path, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, seqs, **kwargs)
 
-    monkeypatch.setattr(memwatch.extraction, "extract", small_memory)
+    monkeypatch.setattr(memwatch.engine.extraction, "extract", small_memory)
     cb = MemWatchCallback(cfg(batch_size=16))
     trainer = make_trainer(tmp_path, [cb], steps=10)
     trainer.train()
@@ -276,7 +276,7 @@ def test_model_is_unaffected_by_failures(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("x")
 
-    monkeypatch.setattr(memwatch.extraction, "extract", broken)
+    monkeypatch.setattr(memwatch.engine.extraction, "extract", broken)
     a = make_trainer(tmp_path / "a", [MemWatchCallback(cfg())], steps=12)
     a.train()
     b = make_trainer(tmp_path / "b", [], steps=12)

@@ -10,10 +10,10 @@ import pytest
 from test_trainer import K, M, make_trainer, read_events
 
 from memwatch import MemWatchCallback, MonitorConfig
-from memwatch.analysis import History
 from memwatch.bytetok import ByteTokenizer
 from memwatch.cli import main
-from memwatch.scan import ScanError, find_checkpoints, load_probes
+from memwatch.posthoc.scan import ScanError, find_checkpoints, load_probes
+from memwatch.store.runs import History
 
 
 @pytest.fixture(scope="module")
@@ -265,14 +265,14 @@ def test_a_full_size_canary_manifest_is_recognized(tmp_path):
 
 @pytest.mark.monitor_failures
 def test_a_checkpoint_that_fails_fails_the_scan(tmp_path, trained_with_checkpoints, monkeypatch, capsys):
-    import memwatch.extraction
+    import memwatch.engine.extraction
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot evaluate")
 
     probes = tmp_path / "ids.jsonl"
     probes.write_text(json.dumps({"input_ids": list(range(40))}) + "\n")
-    monkeypatch.setattr(memwatch.extraction, "extract", broken)
+    monkeypatch.setattr(memwatch.engine.extraction, "extract", broken)
     code = main(
         [
             "scan",

@@ -11,8 +11,8 @@ from _models import VOCAB, tiny_model
 from transformers import Trainer, TrainingArguments
 
 from memwatch import MemWatchCallback, MonitorConfig
-from memwatch.history import HistoryStore
 from memwatch.signals.buckets import BUCKET_NAMES
+from memwatch.store.history import HistoryStore
 
 K, M = 16, 16
 

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..record import EvalRecord
+from memwatch.record import EvalRecord
 
 __all__ = ["ConsoleReporter", "record_table", "tier_table"]
 
@@ -88,7 +88,7 @@ def tier_table(
 
 
 def _bucket_index(name: str) -> int:
-    from ..signals.buckets import BUCKET_NAMES
+    from memwatch.signals.buckets import BUCKET_NAMES
 
     return BUCKET_NAMES.index(name) if name in BUCKET_NAMES else 0
 

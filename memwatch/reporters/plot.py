@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["BUCKET_COLORS", "render_profiles", "to_png"]
+__all__ = ["BUCKET_COLORS", "render_profiles"]
 
 # 3x5 glyphs, rows top to bottom, "#" on. Upper case is drawn as lower case.
 _GLYPHS = {
@@ -191,26 +189,3 @@ def render_profiles(
         _text(img, left + pw + 30, ly, label)
         ly += 18
     return img
-
-
-def to_png(img: np.ndarray) -> bytes:
-    """Encode a uint8 [H, W, 3] image as PNG bytes (no imaging library needed)."""
-    img = np.ascontiguousarray(img, dtype=np.uint8)
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[i].tobytes() for i in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data))
-            + kind
-            + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        )
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )

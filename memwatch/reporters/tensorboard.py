@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from ..record import EvalRecord
-from ..signals import REGISTRY
-from ..signals.registry import Scope
-from .plot import render_profiles
+from memwatch.record import EvalRecord
+from memwatch.reporters.plot import render_profiles
+from memwatch.signals import REGISTRY
+from memwatch.signals.registry import Scope
 
 __all__ = ["TensorBoardReporter", "documented_tags", "export_history", "tag_table"]
 
@@ -128,7 +128,7 @@ class TensorBoardReporter:
     (0600, directories 0700), flushed after every evaluation."""
 
     def __init__(self, log_dir: str | os.PathLike[str], *, purge_step: int | None = None) -> None:
-        from ..files import private_makedirs
+        from memwatch.store.files import private_makedirs
 
         self.log_dir = private_makedirs(log_dir)
         self.purge_step = purge_step
@@ -141,7 +141,7 @@ class TensorBoardReporter:
         if run not in self.writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            from ..files import private_makedirs
+            from memwatch.store.files import private_makedirs
 
             path = private_makedirs(os.path.join(self.log_dir, run)) if run else self.log_dir
             before = set(os.listdir(path))

@@ -2,10 +2,10 @@
 
 # isort: off
 # Registration order is the order outputs list things in: the extraction numbers first.
-from . import extraction, buckets, events, entropy, exposure  # noqa: F401 - registers the built-in signals
+from memwatch.signals import extraction, buckets, events, entropy, exposure  # noqa: F401 - registers the built-in signals
 
 # isort: on
-from .registry import (
+from memwatch.signals.registry import (
     REGISTRY,
     Aggregate,
     Context,

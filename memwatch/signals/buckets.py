@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import GroupStat, Scope, Signal, register_group_stat, register_signal
+from memwatch.signals.registry import GroupStat, Scope, Signal, register_group_stat, register_signal
 
 __all__ = ["BUCKET_NAMES", "bucket_of_count", "bucket_signal", "transition_matrix"]
 

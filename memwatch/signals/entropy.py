@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .buckets import BUCKET_NAMES, bucket_signal
-from .registry import GroupStat, Scope, register_group_stat
+from memwatch.signals.buckets import BUCKET_NAMES, bucket_signal
+from memwatch.signals.registry import GroupStat, Scope, register_group_stat
 
 __all__ = ["boundary_stats", "entropy_profiles"]
 

@@ -6,7 +6,14 @@ from typing import Any
 
 import numpy as np
 
-from .registry import Aggregate, GroupStat, Scope, Signal, register_group_stat, register_signal
+from memwatch.signals.registry import (
+    Aggregate,
+    GroupStat,
+    Scope,
+    Signal,
+    register_group_stat,
+    register_signal,
+)
 
 __all__ = ["memorization_events"]
 

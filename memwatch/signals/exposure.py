@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import Aggregate, Signal, register_signal
+from memwatch.signals.registry import Aggregate, Signal, register_signal
 
 __all__ = ["exposure", "exposure_extrapolated", "exposure_rank"]
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import Aggregate, GroupStat, Signal, register_group_stat, register_signal
+from memwatch.signals.registry import Aggregate, GroupStat, Signal, register_group_stat, register_signal
 
 __all__ = [
     "edit_similarity",

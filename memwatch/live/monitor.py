@@ -8,15 +8,15 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
-from . import distributed
-from .config import MonitorConfig
-from .probes import Panel, Probe, probes_from_user, sample_windows
-from .record import EvalRecord, ProbeTracker, build_record, products_of
+from memwatch.config import MonitorConfig
+from memwatch.live import distributed
+from memwatch.probes import Panel, Probe, probes_from_user, sample_windows
+from memwatch.record import EvalRecord, ProbeTracker, build_record, products_of
 
 __all__ = ["Cadence", "Monitor", "SetupError"]
 
@@ -120,8 +120,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 def write_history(history: Any, run_id: int, record: EvalRecord, reveal_text: bool) -> None:
     """One evaluation into the history: the typed columns, and every other stored signal through the catalog."""
-    from .history import RESULT_COLUMNS
-    from .signals import REGISTRY
+    from memwatch.signals import REGISTRY
+    from memwatch.store.history import RESULT_COLUMNS
 
     r = record.result
     assert r is not None
@@ -275,7 +275,7 @@ class Monitor:
             or "run"
         )
         state = None
-        from .history import HistoryError
+        from memwatch.store.history import HistoryError
 
         try:
             if self.is_main:
@@ -323,7 +323,7 @@ class Monitor:
         resume = start_step > 0 or source == "scan"  # a scan continues its run; a resumed training too
         new_run = None  # the run this setup adds, removed again if the setup fails
         if cfg.history:
-            from .history import HistoryStore
+            from memwatch.store.history import HistoryStore
 
             path = cfg.history_path or os.path.join(self.output_dir, "history.sqlite")
             self.history = HistoryStore(path, timeout=self.history_timeout)
@@ -373,7 +373,7 @@ class Monitor:
 
     def _check_alert_groups(self) -> None:
         """A rule you configured for a group the panel does not have could never fire: say so at setup."""
-        from .config import AlertConfig
+        from memwatch.config import AlertConfig
 
         acfg, default = self.config.alerts, AlertConfig()
         if not acfg.enabled or self.panel is None:
@@ -387,7 +387,7 @@ class Monitor:
                 f"AlertConfig names group(s) {unknown} that the panel does not have, so those rules could never "
                 f"fire; the panel's groups are {self.panel.group_names()}"
             )
-        from .record import scopes_of
+        from memwatch.record import scopes_of
 
         scopes = [
             s.key
@@ -420,7 +420,7 @@ class Monitor:
 
     def _replay(self) -> None:
         """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
-        from .analysis import History
+        from memwatch.store.runs import History
 
         assert self.history is not None and self.panel is not None
         with History(self.history.path) as h:
@@ -526,7 +526,7 @@ class Monitor:
         """A CanaryManifest (or a path to one) turns on pre-flight and exposure; plain Probes are used as given."""
         if canaries is None:
             return None
-        from .canaries import CanaryError, CanaryManifest
+        from memwatch.canaries import CanaryError, CanaryManifest
 
         if isinstance(canaries, str | os.PathLike):
             try:
@@ -539,7 +539,7 @@ class Monitor:
         if self.canaries is None:
             return []
         if self.manifest is not None:
-            from .canaries import CanaryError
+            from memwatch.canaries import CanaryError
 
             try:
                 return self.manifest.probes(self.config.prefix_len, self.config.suffix_len)
@@ -549,7 +549,7 @@ class Monitor:
 
     def _preflight(self, train_data: Any, collator: Any) -> None:
         """Inserted canaries must really be in the data the trainer uses, with their secrets trained."""
-        from .canaries import CanaryError, preflight
+        from memwatch.canaries import CanaryError, preflight
 
         assert self.panel is not None
         try:
@@ -575,7 +575,7 @@ class Monitor:
         self.preflight_report = report
 
     def _check_model(self, model: Any) -> None:
-        from .modeling import inspect_model
+        from memwatch.engine.modeling import inspect_model
 
         try:
             info = inspect_model(model)
@@ -598,7 +598,7 @@ class Monitor:
         assert self.panel is not None
         if cfg.tensorboard:
             tb_dir = cfg.tensorboard_dir or os.path.join(self.output_dir, "tb")
-            from .reporters.tensorboard import TensorBoardReporter
+            from memwatch.reporters.tensorboard import TensorBoardReporter
 
             try:
                 # A resumed run drops the events the interrupted one wrote after its checkpoint.
@@ -611,14 +611,14 @@ class Monitor:
                     "tensorboard_dir or output_dir, or set tensorboard=False"
                 ) from exc
         if cfg.console:
-            from .reporters.console import ConsoleReporter
+            from memwatch.reporters.console import ConsoleReporter
 
             self.console = ConsoleReporter()
         self._open_alerts()
 
     def _open_alerts(self) -> None:
         """The alert engine and its sinks (rank 0): console, log, JSONL, history, TensorBoard, callable, webhook."""
-        from .alerts import AlertEngine, AlertSinks, WebhookSink, jsonl_sink
+        from memwatch.alerts import AlertEngine, AlertSinks, WebhookSink, jsonl_sink
 
         acfg = self.config.alerts
         if not acfg.enabled:
@@ -788,7 +788,7 @@ class Monitor:
 
     def _extract(self, model: Any, tokens: np.ndarray, progress: Any, sync: Any) -> Any:
         """memwatch.extract at the remembered batch size (see _backoff)."""
-        from .extraction import extract
+        from memwatch.engine.extraction import extract
 
         cfg = self.config
         return self._backoff(
@@ -830,8 +830,8 @@ class Monitor:
         if not _is_oom(exc):
             return False
         if self.batch_size is None:
-            from .extraction import _auto_batch_size
-            from .modeling import inspect_model
+            from memwatch.engine.extraction import _auto_batch_size
+            from memwatch.engine.modeling import inspect_model
 
             cfg = self.config
             k, m, w = cfg.prefix_len, cfg.suffix_len, self._entropy_window()
@@ -856,7 +856,7 @@ class Monitor:
     def _measure(self, model: Any, progress: Any) -> tuple[Any, dict[str, np.ndarray]]:
         """The ExtractionResult of the whole panel and what the measurement adds (exposure, when due); under torch.distributed each rank computes a
         shard with the same number of forward calls and every rank receives all of it, in probe order."""
-        from .extraction import ExtractionResult
+        from memwatch.engine.extraction import ExtractionResult
 
         assert self._tokens is not None and self.panel is not None
         due = self._exposure_due()
@@ -868,7 +868,7 @@ class Monitor:
         idx, real = distributed.shard(len(self.panel), world, rank)
         sync = None
         if distributed.needs_synced_forward(model):
-            from .modeling import inspect_model
+            from memwatch.engine.modeling import inspect_model
 
             sync = distributed.Sync(inspect_model(model).device)
         while True:
@@ -948,7 +948,7 @@ class Monitor:
                 return
         if not self.is_main or self.alert_sinks is None:
             return
-        from .alerts import Alert
+        from memwatch.alerts import Alert
 
         self.alert_sinks.emit(Alert(step, rule, None, [], message))
         self.alert_sinks.flush()
@@ -982,7 +982,7 @@ class Monitor:
 
     def _needs(self) -> frozenset[str]:
         """The products the enabled signals and group statistics need (the engine computes no more)."""
-        from .signals import REGISTRY
+        from memwatch.signals import REGISTRY
 
         return REGISTRY.products(self.config.signals, self.config.mode)
 
@@ -1016,9 +1016,9 @@ class Monitor:
     def _score_exposure(
         self, model: Any, rows: np.ndarray, batch_size: int | None, sync: Any
     ) -> dict[str, np.ndarray]:
-        from .extraction import _auto_batch_size, suffix_nll_after_prefix
-        from .modeling import inspect_model
-        from .signals.exposure import exposure, exposure_extrapolated, exposure_rank
+        from memwatch.engine.extraction import _auto_batch_size, suffix_nll_after_prefix
+        from memwatch.engine.modeling import inspect_model
+        from memwatch.signals.exposure import exposure, exposure_extrapolated, exposure_rank
 
         cfg = self.config
         k, m = cfg.prefix_len, cfg.suffix_len
@@ -1144,7 +1144,7 @@ class Monitor:
             with contextlib.suppress(Exception):
                 self.console.warn(summary)
         if self.alert_sinks is not None:
-            from .alerts import Alert
+            from memwatch.alerts import Alert
 
             step = self.last_step if self.last_step is not None else 0
             self.alert_sinks.emit(Alert(step, "monitor_losses", None, [], summary), only=("history", "jsonl"))
@@ -1173,6 +1173,3 @@ class Monitor:
         self.disabled = bool(state.get("disabled", False))
 
     # --- summaries -----------------------------------------------------------------------------------------------
-
-    def groups(self) -> Sequence[str]:
-        return self.panel.group_names() if self.panel is not None else []

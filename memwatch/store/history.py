@@ -236,7 +236,7 @@ class HistoryStore:
                     f"no history at {self.path}: run a training with memwatch or `memwatch scan` first"
                 )
         else:
-            from .files import private_makedirs, refuse_link
+            from memwatch.store.files import private_makedirs, refuse_link
 
             parent = os.path.dirname(os.path.abspath(self.path))
             try:

@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import History, RunData, probe_rows
-from .signals import REGISTRY
-from .signals.buckets import BUCKET_NAMES
+from memwatch.reporters.plot import BUCKET_COLORS
+from memwatch.signals import REGISTRY
+from memwatch.signals.buckets import BUCKET_NAMES
+from memwatch.store.runs import History, RunData, probe_rows
 
 __all__ = ["compare_dict", "render_compare", "render_csv", "render_html", "render_text", "write_pythia_csv"]
 
@@ -117,7 +118,7 @@ def render_text(
     from rich.console import Console
     from rich.table import Table as _Table
 
-    from .reporters.console import tier_table
+    from memwatch.reporters.console import tier_table
 
     def Table(**kw: Any) -> _Table:
         return _Table(box=box.SIMPLE, **kw)
@@ -279,14 +280,8 @@ def _slug(name: str) -> str:
 # --- HTML ---------------------------------------------------------------------------------------------------------
 
 _COLORS = ["#3b6fb6", "#d9622b", "#3c9d5d", "#a23b72", "#8c6d1f", "#5b5b5b", "#1f8a8a", "#b8860b"]
-_BUCKET_COLORS = {
-    "0-20": "#466eb4",
-    "20-40": "#3ca0aa",
-    "40-60": "#5aaa50",
-    "60-80": "#e1a028",
-    "80-99": "#e15f28",
-    "exact": "#be1e3c",
-}
+# The same colour per bucket as the TensorBoard pictures (reporters.plot), as CSS.
+_BUCKET_COLORS = {name: "#{:02x}{:02x}{:02x}".format(*rgb) for name, rgb in BUCKET_COLORS.items()}
 
 
 def _svg_lines(

@@ -1,8 +1,7 @@
-"""Post-hoc queries over a history: per-run arrays, group series, transitions, probe timelines, reports."""
+"""A history read back: its runs as arrays, every evaluation's record replayed, group series, transitions, timelines, the JSON report."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -10,11 +9,19 @@ from typing import Any
 
 import numpy as np
 
-from .history import HistoryError, HistoryStore
-from .record import DEFAULT_PAIRS, GROUP_ORDER, EvalRecord, ProbeTracker, build_record, products_of
-from .result import ExtractionResult
-from .signals import REGISTRY
-from .signals.buckets import BUCKET_NAMES, bucket_signal, transition_matrix
+from memwatch.engine.result import ExtractionResult
+from memwatch.record import (
+    DEFAULT_PAIRS,
+    GROUP_ORDER,
+    EvalRecord,
+    ProbeTracker,
+    build_record,
+    finite_or_none,
+    products_of,
+)
+from memwatch.signals import REGISTRY
+from memwatch.signals.buckets import BUCKET_NAMES, bucket_signal, transition_matrix
+from memwatch.store.history import HistoryError, HistoryStore
 
 __all__ = ["History", "RunData", "report_dict", "resolve_history_path"]
 
@@ -32,17 +39,6 @@ def resolve_history_path(path: str | os.PathLike[str]) -> str:
     if not os.path.exists(p):
         raise HistoryError(f"no history at {p}: give a history file or a training output directory")
     return p
-
-
-def _clean(value: Any) -> Any:
-    """JSON-friendly: NaN and infinities as None, numpy scalars as Python numbers."""
-    if value is None:
-        return None
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 # Keys of a group's row that the tables of 0.1.0 had; every other statistic of the scope follows them.
@@ -214,7 +210,7 @@ class RunData:
     def contrasts(self) -> list[dict[str, Any]]:
         """Per evaluation and pair (a member group against its control), every contrast statistic."""
         return [
-            {"step": r.step, "pair": s.key, **{k: _clean(v) for k, v in r.scope(s.key).items()}}
+            {"step": r.step, "pair": s.key, **{k: finite_or_none(v) for k, v in r.scope(s.key).items()}}
             for r in self.replayed()
             for s in r.scopes
             if s.kind == "pair"
@@ -312,9 +308,9 @@ def scope_row(record: EvalRecord, key: str) -> dict[str, Any]:
             short = {"entropy_pre": "pre", "entropy_post": "post", "boundary_jump": "jump"}[
                 head.removeprefix("tf_")
             ]
-            boundary.setdefault(bucket, {})[short] = _clean(value)
+            boundary.setdefault(bucket, {})[short] = finite_or_none(value)
             continue
-        row[name] = _clean(value)
+        row[name] = finite_or_none(value)
     row["buckets"] = {b: int(stats.get(f"{buckets}/{b}", 0)) for b in BUCKET_NAMES}
     head = f"{key}/{'' if record.mode == 'full' else 'tf_'}entropy_profile/"
     for name, profile in record.arrays.items():
@@ -368,7 +364,7 @@ class History:
         return self._load(info, spec)
 
     def _load(self, info: dict[str, Any], spec: dict[str, Any] | None = None) -> RunData:
-        from .history import decode_floats, decode_ints
+        from memwatch.store.history import decode_floats, decode_ints
 
         panel = self.store.panel(info["run_id"])
         evals = self.store.evals(info["run_id"])
@@ -416,7 +412,7 @@ class History:
                     generated[ei, i] = gen
                     any_generated = True
         if any_generated:  # the history keeps what matches the probe's suffix in the probes table only
-            from .history import reveal_matches
+            from memwatch.store.history import reveal_matches
 
             k = evals[0]["prefix_len"]
             suffixes = np.array([p["tokens"][k : k + m] for p in panel], dtype=np.int64)  # [N, m]
@@ -487,7 +483,7 @@ def probe_rows(run: RunData) -> Iterator[dict[str, Any]]:
             }
             for name, values in columns.items():
                 v = None if values is None else values[i]
-                row[name] = int(v) if isinstance(v, bool | np.bool_) else _clean(v)
+                row[name] = int(v) if isinstance(v, bool | np.bool_) else finite_or_none(v)
             yield row
 
 

@@ -106,9 +106,9 @@ def load_probes(path: str, *, tokenizer: Any = None, run: str | None = None) -> 
 
     JSONL: one object per line, {"text": ...} or {"input_ids": [...]}, optional "group" (default "user") and "id".
     """
-    from .canaries import CanaryError, CanaryManifest
-    from .history import HistoryError, HistoryStore
-    from .probes import Probe
+    from memwatch.canaries import CanaryError, CanaryManifest
+    from memwatch.probes import Probe
+    from memwatch.store.history import HistoryError, HistoryStore
 
     if not os.path.isfile(path):
         raise ScanError(f"no probe file at {path}")
@@ -180,7 +180,7 @@ def _pick_run(store: Any, run: str | None, path: str) -> int:
 
 def history_spec(path: str, run: str | None = None) -> dict[str, Any] | None:
     """prefix_len, suffix_len and entropy_window of a history run's last evaluation; None for other files."""
-    from .history import HistoryError, HistoryStore
+    from memwatch.store.history import HistoryError, HistoryStore
 
     with open(path, "rb") as f:
         if not f.read(16).startswith(b"SQLite format 3"):
@@ -225,8 +225,8 @@ def scan(
     `probes` is a history (so the scan measures what the live run measured), else 32 / 32 / min(16, k - 1).
     on_checkpoint(checkpoint, "start" | "skip" | "done") and on_batch(rows_done, rows_total) report progress.
     """
-    from .config import AlertConfig, MonitorConfig
-    from .monitor import Monitor, SetupError
+    from memwatch.config import AlertConfig, MonitorConfig
+    from memwatch.live.monitor import Monitor, SetupError
 
     ckpts = find_checkpoints(sources, revisions)
     if not ckpts:

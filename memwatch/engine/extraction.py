@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modeling import (
+from memwatch.engine.modeling import (
     ModelInfo,
     generation_scope,
     inspect_model,
@@ -20,8 +20,8 @@ from .modeling import (
     preserved_state,
     reusable_cache,
 )
-from .result import ExtractionResult
-from .signals import extraction as metrics
+from memwatch.engine.result import ExtractionResult
+from memwatch.signals import extraction as metrics
 
 __all__ = ["ExtractionResult", "extract", "resolve_amp_dtype", "suffix_nll_after_prefix", "tie_threshold"]
 
@@ -569,7 +569,7 @@ def extract(
         memory_budget: bytes the automatic batch size may plan for (default: 1 GiB on CPU, half the free
             memory on CUDA).
         progress: called as progress(rows_done, rows_total) after each batch.
-        sync: a memwatch.distributed.Sync when parameters are sharded (FSDP, ZeRO-3): ranks agree on the batch
+        sync: a memwatch.live.distributed.Sync when parameters are sharded (FSDP, ZeRO-3): ranks agree on the batch
             size and on the number of forward calls, padding with dummy forwards, like generate(synced_gpus=True).
     """
     if mode not in MODES:
