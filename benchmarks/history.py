@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from memwatch.store.history import HistoryStore
+from memwatch.signals import REGISTRY
+from memwatch.store.history import RESULT_COLUMNS, HistoryStore
 
 GOAL = 100_000
 
@@ -42,13 +43,19 @@ def main() -> None:
         "generated": rng.integers(0, 50000, (n, 32)).astype(np.int32),
         "entropy": rng.random((n, 48)).astype(np.float32),
     }
+    # Every other signal a default run stores goes through the signal catalog, one value row per signal.
+    catalog = {
+        s.name: (s, rng.random(n))
+        for s in REGISTRY.enabled({}, "full")
+        if s.stored and s.name not in RESULT_COLUMNS and s.name not in ("generated", "entropy")
+    }
     with tempfile.TemporaryDirectory() as tmp:
         store = HistoryStore(os.path.join(tmp, "h.sqlite"))
         run = store.add_run("bench")
         store.add_probes(run, [(pid, list(range(64)), "train", {}) for pid in ids])
         t0 = time.perf_counter()
         for step in range(args.evals):
-            store.add_evaluation(run, step, spec=spec, probe_ids=ids, columns=columns)
+            store.add_evaluation(run, step, spec=spec, probe_ids=ids, columns=columns, signals=catalog)
         memwatch_s = time.perf_counter() - t0
         store.close()
 
@@ -78,7 +85,8 @@ def main() -> None:
     rows = args.evals * n
     rate = rows / memwatch_s
     print(
-        f"{rows} result rows ({args.evals} evaluations x {n} probes, with entropy [48] and generated [32] blobs)"
+        f"{rows} result rows ({args.evals} evaluations x {n} probes, with entropy [48] and generated [32] blobs, "
+        f"and {len(catalog)} catalog signals: {', '.join(catalog)})"
     )
     print(
         f"memwatch history: {memwatch_s:.2f}s = {rate:,.0f} rows/s  ({rate / GOAL:.2f}x the 100k rows/s goal)"

@@ -227,6 +227,7 @@ class HistoryStore:
         self.readonly = readonly
         self._positions: dict[int, dict[str, int]] = {}  # run_id -> probe_id -> position
         self._tokens: dict[int, dict[int, list[int]]] = {}  # run_id -> position -> probe tokens
+        self._suffixes: dict[tuple[int, int, int], Any] = {}  # (run_id, k, m) -> true suffixes [positions, m]
         self._signal_ids: dict[tuple[str, int], int] = {}
         self.version = SCHEMA_VERSION
         created = False
@@ -614,6 +615,24 @@ class HistoryStore:
         token as WITHHELD (-2) unless `reveal` (a model's continuation of one probe can be another memorized text:
         a training window continued with a canary's secret). Readers put the suffix back (reveal_matches)."""
         k, m = int(spec["prefix_len"]), int(spec["suffix_len"])
+        if hasattr(
+            generated, "shape"
+        ):  # a numpy array: one vectorised comparison, ~10x the pure-Python loop below
+            import numpy as np
+
+            truth = self._suffixes.get((run_id, k, m))
+            if truth is None:
+                panel = self._panel_tokens(run_id)
+                truth = np.full((max(panel, default=-1) + 1, m), -3, np.int64)  # -3: no token (never matches)
+                for pos, toks in panel.items():
+                    row = toks[k : k + m]
+                    truth[pos, : len(row)] = row
+                self._suffixes[(run_id, k, m)] = truth
+            gen = np.asarray(generated, dtype=np.int64)  # [N, m]
+            hidden = np.where(
+                gen == truth[np.asarray(positions, dtype=np.int64)], MATCH, gen if reveal else WITHHELD
+            )
+            return hidden.astype("<i4")
         tokens = self._panel_tokens(run_id)
         rows = generated.tolist() if hasattr(generated, "tolist") else generated
         return [
