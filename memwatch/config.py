@@ -248,6 +248,9 @@ class MonitorConfig:
     signals: Mapping[str, bool] = field(default_factory=dict)
     # Member groups against their controls: contrasts (e.g. membership AUCs) are computed for each pair present.
     pairs: tuple[tuple[str, str], ...] = (("train", "heldout"), ("canary", "canary_heldout"))
+    # min-k% prob and min-k%++ average the lowest k of the token scores: 20%, the value Shi et al. 2024 and Zhang
+    # et al. 2024 found best across models and report by default.
+    min_k: float = 0.2
 
     # --- the panel (DESIGN.md §5) ---
     train_probes: int = 512  # enough for a rate to move in steps of 0.2%, small enough to be cheap
@@ -316,6 +319,7 @@ class MonitorConfig:
                 f"MonitorConfig.amp_dtype must be 'auto', None, 'bf16', 'fp16' or 'fp32'; got {self.amp_dtype!r}"
             )
         _check_fraction("memorized_threshold", self.memorized_threshold)
+        _check_fraction("min_k", self.min_k)
         _check_signals(self.signals)
         if not isinstance(self.pairs, tuple) or not all(
             isinstance(p, tuple) and len(p) == 2 and all(isinstance(g, str) and g for g in p) and p[0] != p[1]
@@ -365,6 +369,7 @@ class MonitorConfig:
         "mode",
         "memorized_threshold",
         "boundary_width",
+        "min_k",
     )
 
     def definitions(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import sysconfig
@@ -147,7 +148,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         suffix_len=m,
         entropy_window=16,
         train_probes=128,
-        heldout_probes=64,
+        heldout_probes=128,  # >= 100 controls: the TPR at 1% FPR is reported, not refused
         console=not settings.live,
         output_dir=os.path.join(settings.out, "memwatch"),
         exposure_references=settings.exposure_references,
@@ -284,6 +285,7 @@ def _summary(callback: Any, settings: DemoSettings, elapsed: float) -> dict[str,
             g: {"n": s.n, "extracted": s.extracted, "mean_match_ratio": s.mean_match_ratio}
             for g, s in (record.stats.items() if record is not None else [])
         },
+        "membership": _membership(record),
         "history": os.path.join(out, "memwatch", "history.sqlite"),
         "tensorboard": os.path.join(out, "memwatch", "tb"),
         "manifest": os.path.join(out, "memwatch", "canaries.json"),
@@ -291,11 +293,64 @@ def _summary(callback: Any, settings: DemoSettings, elapsed: float) -> dict[str,
     }
 
 
+# What the summary shows per pair: the whole window for training text, the secret span for canaries.
+_MEMBERSHIP = {
+    "train~heldout": ("loss", "min_k_plus"),
+    "canary~canary_heldout": ("suffix_nll", "suffix_min_k_plus"),
+}
+
+
+def _membership(record: Any) -> list[dict[str, Any]]:
+    """Per pair and signal at the last evaluation: the AUC and the TPR at 1% FPR (None: refused)."""
+    if record is None:
+        return []
+    out = []
+    for pair, signals in _MEMBERSHIP.items():
+        for signal in signals:
+            auc = record.scalars.get(f"{pair}/{signal}_auc")
+            if auc is None:
+                continue
+            tpr = record.scalars.get(f"{pair}/{signal}_tpr_1pct", math.nan)
+            out.append(
+                {
+                    "pair": pair,
+                    "signal": signal,
+                    "auc": auc,
+                    "tpr_1pct": None if math.isnan(tpr) else tpr,
+                    "tpr_1pct_ci": None
+                    if math.isnan(tpr)
+                    else (
+                        record.scalars[f"{pair}/{signal}_tpr_1pct_lo"],
+                        record.scalars[f"{pair}/{signal}_tpr_1pct_hi"],
+                    ),
+                }
+            )
+    return out
+
+
 def _print_summary(console: Any, summary: dict[str, Any], settings: DemoSettings) -> None:
+    from rich.table import Table
+
     from memwatch.reporters.console import tier_table
 
     title = f"dose-response after {summary['steps']} steps ({summary['seconds']:.0f}s)"
     console.print(tier_table(summary["tiers"], title=title))
+    if summary["membership"]:
+        t = Table(
+            title="membership: can an attacker tell members from their controls? (AUC 0.5: no; 1.0: always)",
+            title_justify="left",
+        )
+        for col in ("pair", "signal", "AUC", "TPR at 1% FPR [95% CI]"):
+            t.add_column(col, justify="left" if col in ("pair", "signal") else "right")
+        for row in summary["membership"]:
+            ci = row["tpr_1pct_ci"]
+            tpr = (
+                "refused: < 100 controls"
+                if ci is None
+                else f"{row['tpr_1pct']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+            )
+            t.add_row(row["pair"], row["signal"], f"{row['auc']:.2f}", tpr)
+        console.print(t)
     out = summary["out"]
     rel = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out
     console.print(

@@ -17,7 +17,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def _pattern(text: str) -> re.Pattern[str]:
     pattern = re.escape(text)
-    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>"):
+    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>", "<signal>"):
         pattern = pattern.replace(re.escape(placeholder), r"[^/]+")
     return re.compile(pattern + "$")
 
@@ -92,4 +92,9 @@ def test_every_documented_tag_is_written_and_every_written_tag_is_documented(ful
         for r, t, k in documented
         if not any(r.match(w[0]) and t.match(w[1]) and k == w[2] for w in written)
     )
-    assert not never_written, f"documented but never written: {never_written}"
+    # A TPR at a low FPR is refused below 100 (1%) or 1000 (0.1%) controls and then never written: this run's
+    # panels are smaller (tests/test_membership.py writes the 1% one with 128 controls). Nothing else may be absent.
+    refused = [t for t in never_written if re.search(r"_tpr_(1|0\\\.1)pct(_lo|_hi)?\$$", t[1])]
+    assert refused == never_written, (
+        f"documented but never written: {sorted(set(never_written) - set(refused))}"
+    )

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -108,10 +109,16 @@ def test_a_signal_and_a_contrast_registered_in_a_test_reach_every_output(registe
     )
     assert main(["report", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "doubled NLL" in text and "doubled_nll_gap" in text
+    # the group table's headline column, and the membership table's row of the new signal with the new contrast
+    assert (
+        "doubled NLL" in text
+        and re.search(r"train~heldout +doubled_nll .* 17\.406 ", text)
+        and " gap " in text
+    )
     html = tmp_path / "r.html"
     assert main(["report", str(path), "--format", "html", "--out", str(html)]) == 0
-    assert "doubled NLL" in html.read_text() and "doubled_nll_gap" in html.read_text()
+    page = html.read_text()
+    assert "doubled NLL" in page and "<td>doubled_nll</td>" in page and "<th>gap</th>" in page
 
     # compare: the new statistic side by side.
     assert main(["compare", str(path), str(path), "--format", "json"]) == 0

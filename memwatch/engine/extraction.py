@@ -47,8 +47,9 @@ _CUDA_BUDGET_SHARE = 0.5
 _STATS_BYTES = 256 << 20
 
 
-def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
+def _empty(k: int, m: int, w: int, mode: str, token_stats: bool = False) -> ExtractionResult:
     full = mode == "full"
+    per_token = np.zeros((0, k + m - 1), np.float32) if token_stats else None
     return ExtractionResult(
         prefix_len=k,
         suffix_len=m,
@@ -64,6 +65,9 @@ def _empty(k: int, m: int, w: int, mode: str) -> ExtractionResult:
         suffix_nll=np.zeros(0, np.float32),
         near_tie=np.zeros(0, bool),
         decoding="none",
+        token_logprobs=per_token,
+        token_logp_mean=per_token,
+        token_logp_var=per_token,
     )
 
 
@@ -188,6 +192,7 @@ class _Stats(NamedTuple):
     margin: torch.Tensor  # top-1 minus top-2 logit (inf for a one-token vocabulary)
     top: torch.Tensor  # top-1 logit
     nll: torch.Tensor | None  # -log p(target), when targets were given
+    logp_var: torch.Tensor | None = None  # variance of log p under p itself, when moments were asked for
 
 
 def _forward(
@@ -206,7 +211,13 @@ def _forward(
     return logits, output_cache(out, info.model)
 
 
-def _stats(logits: torch.Tensor, targets: torch.Tensor | None = None, *, consume: bool = False) -> _Stats:
+def _stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    consume: bool = False,
+    moments: bool = False,
+) -> _Stats:
     """fp32 statistics of logits [..., V] (and the NLL of `targets` [...]), with no host sync.
 
     consume: the caller no longer needs `logits`, so fp32 logits may be overwritten (one [..., V] allocation
@@ -214,10 +225,12 @@ def _stats(logits: torch.Tensor, targets: torch.Tensor | None = None, *, consume
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):  # fp32 even inside an autocast region
         lf = logits.float()
-        return _stats_fp32(lf, targets, in_place=consume or lf is not logits)
+        return _stats_fp32(lf, targets, in_place=consume or lf is not logits, moments=moments)
 
 
-def _stats_fp32(lf: torch.Tensor, targets: torch.Tensor | None, in_place: bool) -> _Stats:
+def _stats_fp32(
+    lf: torch.Tensor, targets: torch.Tensor | None, in_place: bool, moments: bool = False
+) -> _Stats:
     """Everything from max-shifted logits z = logits - max <= 0: log-sum-exp minus max is log sum(e^z) in
     [0, log V], entropy = log sum(e^z) - sum(e^z z) / sum(e^z) and NLL = log sum(e^z) - z_target. Unshifted,
     lse - sum(p * logits) subtracts two numbers of the logits' size and loses 1e-3 nats at |logits| ~ 50 in fp32."""
@@ -232,18 +245,36 @@ def _stats_fp32(lf: torch.Tensor, targets: torch.Tensor | None, in_place: bool) 
     # A masked entry (-inf logit) has e = 0; a finite stand-in for its z makes its e * z term 0 rather than nan.
     # sum(e * z) in place and by torch's cascaded sum: a batched dot product accumulates 1e-4 nats of fp32 error
     # over a 32k vocabulary.
-    ez = z.clamp_(min=torch.finfo(z.dtype).min).mul_(e).sum(dim=-1)
+    z = z.clamp_(min=torch.finfo(z.dtype).min)
+    logp_var = None
+    if moments:
+        # Var_p(log p) = Var_p(z) = E_p[z^2] - E_p[z]^2 (log p and z differ by a constant); z <= 0 is bounded by
+        # the logits' spread, so the difference loses nothing that matters next to the floor min-k%++ clamps at.
+        ez_t = z * e  # [..., V]
+        ez = ez_t.sum(dim=-1)
+        mean_z = ez / sum_e
+        logp_var = (ez_t.mul_(z).sum(dim=-1) / sum_e - mean_z * mean_z).clamp_(min=0.0)
+        del ez_t
+    else:
+        ez = z.mul_(e).sum(dim=-1)
     entropy = log_sum - ez / sum_e
     nll = None if z_target is None else log_sum - z_target
-    return _Stats(entropy, argmax, margin, top, nll)
+    return _Stats(entropy, argmax, margin, top, nll, logp_var)
 
 
 class _Batch:
     """The fp32 outcome of one batch, on device until the end of the batch (one host sync per batch)."""
 
-    def __init__(self, x: torch.Tensor, m: int, w: int) -> None:
+    def __init__(self, x: torch.Tensor, m: int, w: int, t: int = 0) -> None:
         b = x.shape[0]
         dev = x.device
+        # Per-token statistics over the whole window (t = k + m - 1 positions; 0 when not asked for): log p of
+        # each true token, and the mean and variance of log p under the model's own distribution there.
+        self.tokens = (
+            (torch.zeros(b, t, device=dev), torch.zeros(b, t, device=dev), torch.zeros(b, t, device=dev))
+            if t
+            else None
+        )
         self.entropy = torch.zeros(b, w + m, device=dev)
         self.nll = torch.zeros(b, m, device=dev)
         self.tf_argmax = torch.zeros(b, m, dtype=torch.long, device=dev)
@@ -252,22 +283,41 @@ class _Batch:
 
 
 def _teacher_forced(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, tie: _TieRule, use_cache: bool
+    info: ModelInfo,
+    x: torch.Tensor,
+    k: int,
+    m: int,
+    w: int,
+    tie: _TieRule,
+    use_cache: bool,
+    token_stats: bool = False,
 ) -> _Batch:
-    """One teacher-forced pass over x[:, :k+m-1]: logits only for the last w+m positions. x: [B, k+m]."""
-    logits, cache = _forward(info, w + m, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, w+m, V]
-    out = _Batch(x, m, w)
+    """One teacher-forced pass over x[:, :k+m-1]: logits only for the last w+m positions (all k+m-1 with
+    token_stats). x: [B, k+m]."""
+    keep = k + m - 1 if token_stats else w + m
+    logits, cache = _forward(info, keep, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, keep, V]
+    out = _Batch(x, m, w, keep if token_stats else 0)
     out.cache = cache
     b, p, v = logits.shape
-    chunk = max(1, _STATS_BYTES // max(1, 2 * 4 * p * v))  # fp32 shifted logits and their exponentials
-    targets = x[:, k - w :]  # [B, w+m]: the token each scored position predicts
+    # fp32 shifted logits and their exponentials (and z * e for the moments)
+    chunk = max(1, _STATS_BYTES // max(1, (3 if token_stats else 2) * 4 * p * v))
+    targets = x[:, k + m - keep :]  # [B, keep]: the token each scored position predicts
+    ent, suf = (
+        keep - (w + m),
+        keep - m,
+    )  # where the entropy profile and the suffix start among the kept positions
     for s in range(0, b, chunk):
         sl = slice(s, s + chunk)
-        st = _stats(logits[sl], targets[sl], consume=True)
-        out.entropy[sl] = st.entropy
-        out.tf_argmax[sl] = st.argmax[:, w:]
-        out.tf_tie[sl] = tie(st.margin[:, w:], st.top[:, w:])
-        out.nll[sl] = st.nll[:, w:]  # type: ignore[index]
+        st = _stats(logits[sl], targets[sl], consume=True, moments=token_stats)
+        out.entropy[sl] = st.entropy[:, ent:]
+        out.tf_argmax[sl] = st.argmax[:, suf:]
+        out.tf_tie[sl] = tie(st.margin[:, suf:], st.top[:, suf:])
+        out.nll[sl] = st.nll[:, suf:]  # type: ignore[index]
+        if out.tokens is not None:
+            logp, mean, var = out.tokens
+            logp[sl] = -st.nll  # type: ignore[operator]
+            mean[sl] = -st.entropy  # sum_v p log p = -H
+            var[sl] = st.logp_var
         del st
     del logits
     return out
@@ -507,10 +557,18 @@ def _dummy_forward(info: ModelInfo) -> None:
 
 
 def _run_batch(
-    info: ModelInfo, x: torch.Tensor, k: int, m: int, w: int, mode: str, tie: _TieRule, sync: Any = None
+    info: ModelInfo,
+    x: torch.Tensor,
+    k: int,
+    m: int,
+    w: int,
+    mode: str,
+    tie: _TieRule,
+    sync: Any = None,
+    token_stats: bool = False,
 ) -> tuple[dict[str, np.ndarray], str]:
     full = mode == "full"
-    out = _teacher_forced(info, x, k, m, w, tie, use_cache=full)
+    out = _teacher_forced(info, x, k, m, w, tie, use_cache=full, token_stats=token_stats)
     suffix = x[:, k:]
     hit = out.tf_argmax == suffix  # [B, m] teacher-forced argmax equals the true token
     all_hit = hit.all(dim=1)
@@ -531,6 +589,8 @@ def _run_batch(
         result["generated"] = gen
     result["entropy"] = out.entropy
     result["near_tie"] = near_tie
+    if out.tokens is not None:
+        result["token_logprobs"], result["token_logp_mean"], result["token_logp_var"] = out.tokens
     return {name: t.cpu().numpy() for name, t in result.items()}, decoding
 
 
@@ -548,6 +608,7 @@ def extract(
     memory_budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     sync: Any = None,
+    token_stats: bool = False,
 ) -> ExtractionResult:
     """Greedy extraction of each sequence's suffix from its prefix, with memorization and entropy metrics.
 
@@ -571,6 +632,9 @@ def extract(
         progress: called as progress(rows_done, rows_total) after each batch.
         sync: a memwatch.live.distributed.Sync when parameters are sharded (FSDP, ZeRO-3): ranks agree on the batch
             size and on the number of forward calls, padding with dummy forwards, like generate(synced_gpus=True).
+        token_stats: also the per-token statistics of the whole window from the same teacher-forced pass (logits
+            kept at all k + m - 1 positions): `token_logprobs`, `token_logp_mean`, `token_logp_var` (the
+            membership signals' product).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -600,7 +664,7 @@ def extract(
     x_all = _as_tensor(sequences, k + m)
     n = x_all.shape[0]
     if n == 0:
-        return _empty(k, m, w, mode)
+        return _empty(k, m, w, mode, token_stats)
     lo, hi = int(x_all.min()), int(x_all.max())
     if lo < 0 or hi >= info.vocab_size:
         raise ValueError(
@@ -610,7 +674,9 @@ def extract(
     compute_dtype = amp or info.param_dtype
     tie = _TieRule(compute_dtype, None if tie_margin is None else float(tie_margin))
     act_bytes = torch.finfo(compute_dtype).bits // 8 if compute_dtype.is_floating_point else 4
-    bs = batch_size or _auto_batch_size(info, n, k, m, w, mode, act_bytes, memory_budget)
+    # With token statistics, logits are kept at every position: plan memory as for the widest entropy window.
+    planned_w = k - 1 if token_stats else w
+    bs = batch_size or _auto_batch_size(info, n, k, m, planned_w, mode, act_bytes, memory_budget)
     extra_batches = 0
     if sync is not None:  # every rank runs the same batches and forward calls
         bs = sync.min(bs)
@@ -625,13 +691,13 @@ def extract(
     with preserved_state(model), autocast:
         for start in range(0, n, bs):
             x = x_all[start : start + bs].to(info.device, non_blocking=True)
-            part, path = _run_batch(info, x, k, m, w, mode, tie, sync)
+            part, path = _run_batch(info, x, k, m, w, mode, tie, sync, token_stats)
             parts.append(part)
             paths.append(path)
             if progress is not None:
                 progress(min(start + bs, n), n)
         for _ in range(extra_batches):  # another rank has more batches: join its forward calls, keep nothing
-            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, tie, sync)
+            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, tie, sync, token_stats)
     return _assemble(parts, paths, x_all[:, k:].numpy(), k, m, w, mode)
 
 
@@ -752,4 +818,5 @@ def _assemble(
         suffix_nll=cat["suffix_nll"].astype(np.float32),
         near_tie=cat["near_tie"].astype(bool),
         decoding=ExtractionResult.combine_decodings(paths),
+        **{name: cat[name].astype(np.float32) for name in ExtractionResult.TOKEN_FIELDS if name in cat},
     )

@@ -36,7 +36,14 @@ class ExtractionResult:
     suffix_nll: np.ndarray  # float32 [N]
     near_tie: np.ndarray  # bool [N]
     decoding: str = "unknown"
+    # With extract(token_stats=True), per token of the window (column j: the token at position j + 1, predicted
+    # from positions 0..j, teacher-forced): log p of the true token, and the mean sum_v p log p and variance of
+    # log p under the model's next-token distribution there (min-k%++'s standardisation). None otherwise.
+    token_logprobs: np.ndarray | None = None  # float32 [N, k + m - 1]
+    token_logp_mean: np.ndarray | None = None  # float32 [N, k + m - 1]
+    token_logp_var: np.ndarray | None = None  # float32 [N, k + m - 1]
 
+    TOKEN_FIELDS = ("token_logprobs", "token_logp_mean", "token_logp_var")
     ARRAY_FIELDS = (
         "generated",
         "exact",
@@ -47,6 +54,7 @@ class ExtractionResult:
         "entropy",
         "suffix_nll",
         "near_tie",
+        *TOKEN_FIELDS,
     )
 
     def __len__(self) -> int:

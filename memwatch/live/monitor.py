@@ -212,6 +212,7 @@ class Monitor:
         self.history_timeout = 10.0  # seconds to wait for a history locked by another writer
         self._warned: set[str] = set()
         self._tokens: np.ndarray | None = None
+        self._window_text: list[bytes] | None = None
         self._last_tick: float | None = None
         self._paused = 0.0
         self.ready = False
@@ -737,7 +738,7 @@ class Monitor:
                 groups=self.panel.groups,
                 metas=[p.meta for p in self.panel.probes],
                 tokens=self._tokens,
-                products=products_of(result, extra),
+                products={**products_of(result, extra), "window_bytes": self._window_bytes()},
                 tracker=self.tracker,
                 settings=cfg.definitions(),
                 pairs=cfg.pairs,
@@ -805,6 +806,7 @@ class Monitor:
                 amp_dtype=self.amp_dtype,
                 progress=progress,
                 sync=sync,
+                token_stats="token_logprobs" in self._needs(),
             ),
             "extraction",
             local=sync is None,
@@ -979,6 +981,17 @@ class Monitor:
         if not parts:
             return None
         return "memwatch lost data during this run: " + "; ".join(parts)
+
+    def _window_bytes(self) -> list[bytes] | None:
+        """Each probe window's decoded text as UTF-8 (the zlib ratio compresses it), once per panel; None without
+        a tokenizer (the signal then compresses the token ids)."""
+        decode = getattr(self.tokenizer, "decode", None)
+        if decode is None or self.panel is None:
+            return None
+        if self._window_text is None or len(self._window_text) != len(self._tokens):
+            k_m = self.config.prefix_len + self.config.suffix_len
+            self._window_text = [str(decode(list(map(int, row[:k_m])))).encode() for row in self._tokens]
+        return self._window_text
 
     def _needs(self) -> frozenset[str]:
         """The products the enabled signals and group statistics need (the engine computes no more)."""

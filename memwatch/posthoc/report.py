@@ -48,20 +48,56 @@ def group_table(run: RunData) -> tuple[list[str], list[list[str]]]:
 
 
 def contrast_table(run: RunData) -> tuple[list[str], list[list[str]]]:
-    """The contrasts over steps (a member group against its control: train~heldout, canary~canary_heldout), every
-    statistic the registry's contrasts gave; empty when there is none."""
+    """Membership separation at the last evaluation: one row per pair (or canary tier) and membership signal,
+    every headline contrast (AUC, ...) with its course over the steps, and the TPR at 1% / 0.1% FPR with its 95%
+    Clopper-Pearson interval, or why it is refused. Empty when the run has no contrast."""
     series = run.contrasts()
-    stats = list(dict.fromkeys(k for r in series for k in r if k not in ("step", "pair")))
-    if not [s for s in stats if s not in ("n", "control_n")]:
+    if not series:
         return [], []
-    headers = ["step", "pair", *stats]
-    rows = [
-        [
-            str(r["step"]),
-            r["pair"],
-            *[_f(r.get(s), ".0f" if s in ("n", "control_n") else ".3f") for s in stats],
-        ]
-        for r in series
+    last = max(r["step"] for r in series)
+    signals = [s.name for s in REGISTRY.signals.values() if s.membership]
+
+    def split(key: str) -> tuple[str, str] | None:
+        """(signal, statistic) of a contrast key, by the longest signal name it starts with (min_k_plus_auc)."""
+        names = [s for s in signals if key.startswith(f"{s}_")]
+        if not names:
+            return None
+        sig = max(names, key=len)
+        return sig, key[len(sig) + 1 :]
+
+    parsed = [split(key) for r in series for key in r]
+    outputs = list(dict.fromkeys(p[1] for p in parsed if p is not None and not p[1].startswith("tpr_")))
+    rows = []
+    for r in (r for r in series if r["step"] == last):
+        for sig in signals:
+            values = [r.get(f"{sig}_{o}") for o in outputs]
+            if all(v is None for v in values):
+                continue
+            course = (
+                [x.get(f"{sig}_{outputs[0]}") for x in series if x["pair"] == r["pair"]] if outputs else []
+            )
+            row = [r["pair"], sig, *[_f(v, ".3f") for v in values]]
+            row.append(spark([math.nan if v is None else v for v in course]))
+            for label in ("1pct", "0.1pct"):
+                key = f"{sig}_tpr_{label}"
+                value = r.get(key)
+                if value is None:
+                    refused = any(
+                        f"at {label.replace('pct', '%')} FPR" in note for note in r.get("notes", [])
+                    )
+                    row.append(f"refused: {r.get('control_n')} controls" if refused else "-")
+                else:
+                    row.append(
+                        f"{value:.3f} [{_f(r.get(f'{key}_lo'), '.3f')}, {_f(r.get(f'{key}_hi'), '.3f')}]"
+                    )
+            rows.append(row)
+    headers = [
+        "pair",
+        "signal",
+        *outputs,
+        f"{outputs[0] if outputs else ''} over steps",
+        "TPR@1%FPR",
+        "TPR@0.1%FPR",
     ]
     return headers, rows
 
@@ -143,10 +179,13 @@ def render_text(
         headers, rows = contrast_table(run)
         if rows:
             t = Table(
-                title="contrasts: members against their control", title_justify="left", header_style="bold"
+                title=f"membership: members against their control at step {int(run.steps[-1])} (TPR with a 95% "
+                "Clopper-Pearson interval; refused below 100 controls)",
+                title_justify="left",
+                header_style="bold",
             )
             for col in headers:
-                t.add_column(col, justify="left" if col == "pair" else "right")
+                t.add_column(col, justify="left" if col in ("pair", "signal") else "right")
             for row in rows:
                 t.add_row(*row)
             _show(console, t)
@@ -426,7 +465,9 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
         s.append(_table(headers, rows, "Groups over steps"))
         headers, rows = contrast_table(run)
         if rows:
-            s.append(_table(headers, rows, "Contrasts: members against their control"))
+            s.append(
+                _table(headers, rows, "Membership: members against their control, at the last evaluation")
+            )
         for tr in run.transitions(a, b):
             m = np.array(tr["matrix"])
             if m.sum():

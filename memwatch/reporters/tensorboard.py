@@ -74,15 +74,18 @@ def documented_tags() -> Iterator[tuple[str, str, str, str]]:
                     yield run, _doc_tag(kind, f"twins_{agg.stat}"), "scalar", "the same for the tier's twins"
             if kind == "group" and signal.histogram:
                 yield run, _doc_tag(kind, signal.name), "histogram", f"{signal.name} of the group's probes"
-            if signal.membership and kind in ("tier", "pair"):
-                for contrast in REGISTRY.contrasts.values():
-                    if kind in contrast.scopes:
-                        yield (
-                            run,
-                            _doc_tag(kind, f"{signal.name}_{contrast.name}"),
-                            "scalar",
-                            contrast.meaning,
-                        )
+    # Contrasts: one row per output for every membership signal (<signal>: loss, min_k_plus, suffix_nll, ...).
+    members = ", ".join(s.name for s in REGISTRY.signals.values() if s.membership)
+    for kind in ("tier", "pair"):
+        for contrast in REGISTRY.contrasts.values():
+            if kind in contrast.scopes:
+                for output, meaning in contrast.outputs:
+                    yield (
+                        _RUN_PATTERN[kind],
+                        _doc_tag(kind, f"<signal>_{output}"),
+                        "scalar",
+                        f"{meaning} (<signal>: {members})",
+                    )
 
 
 def tag_table() -> str:

@@ -201,6 +201,7 @@ register_signal(
         _product("suffix_nll"),
         direction=-1,
         needs=frozenset({"suffix_nll"}),
+        membership=True,  # the suffix's loss: for a canary, the loss of its secret alone
         aggregates=(
             Aggregate("mean_suffix_nll", "mean", meaning="mean suffix NLL (nats/token)", label="suffix NLL"),
         ),

@@ -187,6 +187,12 @@ class Contrast:
     compute: Callable[[np.ndarray, np.ndarray], Mapping[str, float]]
     scopes: tuple[str, ...] = ("pair", "tier")
     headline: bool = True
+    # What it gives, for the documentation: (key suffix, meaning); default: one output, its own name.
+    outputs: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            object.__setattr__(self, "outputs", ((self.name, self.meaning),))
 
 
 @dataclass

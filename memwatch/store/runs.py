@@ -208,13 +208,30 @@ class RunData:
         return out
 
     def contrasts(self) -> list[dict[str, Any]]:
-        """Per evaluation and pair (a member group against its control), every contrast statistic."""
-        return [
-            {"step": r.step, "pair": s.key, **{k: finite_or_none(v) for k, v in r.scope(s.key).items()}}
-            for r in self.replayed()
-            for s in r.scopes
-            if s.kind == "pair"
-        ]
+        """Per evaluation and pair (a member group against its control; a canary tier against its twins), every
+        contrast statistic of every membership signal (<signal>_<statistic>), and `notes` saying what was
+        refused (a TPR at a low FPR with too few controls)."""
+        from memwatch.signals.membership import MIN_CONTROLS
+
+        heads = tuple(f"{s.name}_" for s in REGISTRY.signals.values() if s.membership)
+        out = []
+        for r in self.replayed():
+            for s in r.scopes:
+                if s.kind not in ("pair", "tier"):
+                    continue
+                stats = r.scope(s.key)
+                row: dict[str, Any] = {"step": r.step, "pair": s.key, "kind": s.kind}
+                row["n"] = finite_or_none(stats.get("n"))
+                row["control_n"] = len(s.control) if s.control is not None else None
+                row.update({k: finite_or_none(v) for k, v in stats.items() if k.startswith(heads)})
+                controls = row["control_n"] or 0
+                row["notes"] = [
+                    f"TPR at {label.replace('pct', '%')} FPR refused: {controls} controls, fewer than the {need} it needs"
+                    for label, need in MIN_CONTROLS.items()
+                    if controls < need
+                ]
+                out.append(row)
+        return out
 
     def transitions(self, from_index: int | None = None, to_index: int | None = None) -> list[dict[str, Any]]:
         """Transition matrices per group: between consecutive evaluations (default), or between two given ones."""
