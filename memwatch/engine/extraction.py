@@ -196,15 +196,24 @@ class _Stats(NamedTuple):
 
 
 def _forward(
-    info: ModelInfo, n_keep: int | None, cache: object = None, **kwargs: object
+    info: ModelInfo,
+    n_keep: int | None,
+    cache: object = None,
+    hidden: list[torch.Tensor] | None = None,
+    **kwargs: object,
 ) -> tuple[torch.Tensor, object]:
     """Call the model, passing `cache` under the name this transformers version takes; return the logits for the
-    last `n_keep` positions (all if None) and the cache the model returned (None if it returned none)."""
+    last `n_keep` positions (all if None) and the cache the model returned (None if it returned none). With a
+    `hidden` list, the last layer's hidden states [B, T, H] are appended to it."""
     if n_keep is not None and info.logits_kwarg is not None:
         kwargs[info.logits_kwarg] = n_keep
     if cache is not None:
         kwargs[str(info.cache_kwarg)] = cache
+    if hidden is not None:
+        kwargs["output_hidden_states"] = True
     out = info.call(return_dict=True, **kwargs)
+    if hidden is not None:
+        hidden.append(out.hidden_states[-1])
     logits = out.logits
     if n_keep is not None and logits.shape[1] != n_keep:
         logits = logits[:, -n_keep:]
@@ -275,6 +284,7 @@ class _Batch:
             if t
             else None
         )
+        self.hidden_prefix: torch.Tensor | None = None  # [B, H] when asked for
         self.entropy = torch.zeros(b, w + m, device=dev)
         self.nll = torch.zeros(b, m, device=dev)
         self.tf_argmax = torch.zeros(b, m, dtype=torch.long, device=dev)
@@ -291,13 +301,21 @@ def _teacher_forced(
     tie: _TieRule,
     use_cache: bool,
     token_stats: bool = False,
+    hidden_prefix: bool = False,
 ) -> _Batch:
     """One teacher-forced pass over x[:, :k+m-1]: logits only for the last w+m positions (all k+m-1 with
-    token_stats). x: [B, k+m]."""
+    token_stats); with hidden_prefix, the last layer's hidden state mean-pooled over the k prefix positions.
+    x: [B, k+m]."""
     keep = k + m - 1 if token_stats else w + m
-    logits, cache = _forward(info, keep, input_ids=x[:, : k + m - 1], use_cache=use_cache)  # [B, keep, V]
+    hidden: list[torch.Tensor] | None = [] if hidden_prefix else None
+    logits, cache = _forward(
+        info, keep, hidden=hidden, input_ids=x[:, : k + m - 1], use_cache=use_cache
+    )  # [B, keep, V]
     out = _Batch(x, m, w, keep if token_stats else 0)
     out.cache = cache
+    if hidden:
+        out.hidden_prefix = hidden[0][:, :k].float().mean(dim=1).half()  # [B, H], float16 to keep it small
+        del hidden
     b, p, v = logits.shape
     # fp32 shifted logits and their exponentials (and z * e for the moments)
     chunk = max(1, _STATS_BYTES // max(1, (3 if token_stats else 2) * 4 * p * v))
@@ -566,9 +584,12 @@ def _run_batch(
     tie: _TieRule,
     sync: Any = None,
     token_stats: bool = False,
+    hidden_prefix: bool = False,
 ) -> tuple[dict[str, np.ndarray], str]:
     full = mode == "full"
-    out = _teacher_forced(info, x, k, m, w, tie, use_cache=full, token_stats=token_stats)
+    out = _teacher_forced(
+        info, x, k, m, w, tie, use_cache=full, token_stats=token_stats, hidden_prefix=hidden_prefix
+    )
     suffix = x[:, k:]
     hit = out.tf_argmax == suffix  # [B, m] teacher-forced argmax equals the true token
     all_hit = hit.all(dim=1)
@@ -591,6 +612,8 @@ def _run_batch(
     result["near_tie"] = near_tie
     if out.tokens is not None:
         result["token_logprobs"], result["token_logp_mean"], result["token_logp_var"] = out.tokens
+    if out.hidden_prefix is not None:
+        result["hidden_prefix"] = out.hidden_prefix
     return {name: t.cpu().numpy() for name, t in result.items()}, decoding
 
 
@@ -609,6 +632,7 @@ def extract(
     progress: Callable[[int, int], None] | None = None,
     sync: Any = None,
     token_stats: bool = False,
+    hidden_prefix: bool = False,
 ) -> ExtractionResult:
     """Greedy extraction of each sequence's suffix from its prefix, with memorization and entropy metrics.
 
@@ -635,6 +659,8 @@ def extract(
         token_stats: also the per-token statistics of the whole window from the same teacher-forced pass (logits
             kept at all k + m - 1 positions): `token_logprobs`, `token_logp_mean`, `token_logp_var` (the
             membership signals' product).
+        hidden_prefix: also the last layer's hidden state mean-pooled over each prefix, from the same pass
+            (`hidden_prefix`, float16 [N, H]: the embedding view).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -691,13 +717,13 @@ def extract(
     with preserved_state(model), autocast:
         for start in range(0, n, bs):
             x = x_all[start : start + bs].to(info.device, non_blocking=True)
-            part, path = _run_batch(info, x, k, m, w, mode, tie, sync, token_stats)
+            part, path = _run_batch(info, x, k, m, w, mode, tie, sync, token_stats, hidden_prefix)
             parts.append(part)
             paths.append(path)
             if progress is not None:
                 progress(min(start + bs, n), n)
         for _ in range(extra_batches):  # another rank has more batches: join its forward calls, keep nothing
-            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, tie, sync, token_stats)
+            _run_batch(info, x_all[:1].to(info.device), k, m, w, mode, tie, sync, token_stats, hidden_prefix)
     return _assemble(parts, paths, x_all[:, k:].numpy(), k, m, w, mode)
 
 
@@ -819,4 +845,5 @@ def _assemble(
         near_tie=cat["near_tie"].astype(bool),
         decoding=ExtractionResult.combine_decodings(paths),
         **{name: cat[name].astype(np.float32) for name in ExtractionResult.TOKEN_FIELDS if name in cat},
+        hidden_prefix=cat.get("hidden_prefix"),
     )

@@ -43,6 +43,10 @@ class ExtractionResult:
     token_logp_mean: np.ndarray | None = None  # float32 [N, k + m - 1]
     token_logp_var: np.ndarray | None = None  # float32 [N, k + m - 1]
 
+    # With extract(hidden_prefix=True): the last layer's hidden state mean-pooled over the k prefix positions (the
+    # embedding view), float16.
+    hidden_prefix: np.ndarray | None = None  # float16 [N, H]
+
     TOKEN_FIELDS = ("token_logprobs", "token_logp_mean", "token_logp_var")
     ARRAY_FIELDS = (
         "generated",
@@ -55,6 +59,7 @@ class ExtractionResult:
         "suffix_nll",
         "near_tie",
         *TOKEN_FIELDS,
+        "hidden_prefix",
     )
 
     def __len__(self) -> int:

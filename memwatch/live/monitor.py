@@ -213,6 +213,7 @@ class Monitor:
         self._warned: set[str] = set()
         self._tokens: np.ndarray | None = None
         self._window_text: list[bytes] | None = None
+        self._final = False  # finish() is evaluating the model that ships (the embedding view is due)
         self._last_tick: float | None = None
         self._paused = 0.0
         self.ready = False
@@ -807,6 +808,7 @@ class Monitor:
                 progress=progress,
                 sync=sync,
                 token_stats="token_logprobs" in self._needs(),
+                hidden_prefix=self._embedding_due(),
             ),
             "extraction",
             local=sync is None,
@@ -993,6 +995,14 @@ class Monitor:
             self._window_text = [str(decode(list(map(int, row[:k_m])))).encode() for row in self._tokens]
         return self._window_text
 
+    def _embedding_due(self) -> bool:
+        """The embedding view at the first, the last (finish) and every embedding_every-th evaluation; only when
+        TensorBoard, its one writer, is on."""
+        every = self.config.embedding_every
+        if every is None or not self.config.tensorboard:
+            return False
+        return self._final or len(self.evaluated_steps) % every == 0
+
     def _needs(self) -> frozenset[str]:
         """The products the enabled signals and group statistics need (the engine computes no more)."""
         from memwatch.signals import REGISTRY
@@ -1126,6 +1136,7 @@ class Monitor:
                 and self.config.eval_on_end
                 and step not in self.evaluated_steps[-1:]
             ):
+                self._final = True
                 record = self.evaluate(model, step)
         finally:
             self.close()

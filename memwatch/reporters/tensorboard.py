@@ -173,8 +173,82 @@ class TensorBoardReporter:
                 if values.size:
                     w.add_histogram(_tag("group", name), values, step, bins=[i / 10 for i in range(11)])
             self._profile_image(w, record, scope)
+        if record.result is not None and record.result.hidden_prefix is not None:
+            self._embedding(record)
         for w in self.writers.values():
             w.flush()
+
+    EMBEDDING_TAG = f"{PREFIX}/probes"
+    EMBEDDING_COLUMNS = ("probe", "group", "tier", "bucket", "match_ratio", "kind", "exposure")
+
+    def _embedding(self, record: EvalRecord) -> None:
+        """The probes' mean-pooled prefix representations to TensorBoard's projector (one snapshot per step), with
+        metadata columns to colour them by; earlier snapshots of this log dir (a resumed run) stay listed."""
+        import torch
+        from google.protobuf import text_format
+        from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+        from memwatch.signals.buckets import BUCKET_NAMES, bucket_signal
+        from memwatch.signals.kinds import kind_of
+
+        assert record.result is not None and record.result.hidden_prefix is not None
+        w = self._writer("")
+        config_path = os.path.join(self.log_dir, "projector_config.pbtxt")
+        if not hasattr(w, "_projector_config"):  # SummaryWriter rewrites the file from its own list: seed it
+            w._projector_config = ProjectorConfig()
+            if os.path.exists(config_path):
+                with open(config_path) as f:
+                    text_format.Parse(f.read(), w._projector_config)
+        values = record.values
+        n = len(record.probe_ids)
+        buckets = values.get(bucket_signal(record.mode), np.full(n, -1))
+        ratio = values.get("match_ratio", np.full(n, np.nan))
+        kinds = (
+            kind_of(values["kind_evidence"], values["memorized"])
+            if "kind_evidence" in values and "memorized" in values
+            else np.full(n, "")
+        )
+        exposure = record.exposure if record.exposure is not None else np.full(n, np.nan)
+
+        def cell(value: Any) -> str:
+            text = "" if value is None else str(value)
+            return text.replace("\t", " ").replace("\n", " ")
+
+        rows = []
+        for i, pid in enumerate(record.probe_ids):
+            meta = record.metas[i]
+            tier = f"{meta['repetitions']}x" if meta.get("repetitions") is not None else ""
+            b = int(buckets[i])
+            rows.append(
+                [
+                    cell(pid),
+                    cell(record.groups[i]),
+                    tier,
+                    BUCKET_NAMES[b] if 0 <= b < len(BUCKET_NAMES) else "",
+                    f"{float(ratio[i]):.3f}" if np.isfinite(ratio[i]) else "",
+                    cell(kinds[i]) or "not memorized",
+                    f"{float(exposure[i]):.2f}" if np.isfinite(exposure[i]) else "",
+                ]
+            )
+        subdir = f"{record.step:05d}"
+        w.add_embedding(
+            torch.from_numpy(record.result.hidden_prefix.astype(np.float32)),
+            metadata=rows,
+            metadata_header=list(self.EMBEDDING_COLUMNS),
+            global_step=record.step,
+            tag=self.EMBEDDING_TAG,
+        )
+        # One entry per snapshot (a step evaluated again after a resume replaces its own), rewritten whole.
+        latest = {e.tensor_path: e for e in w._projector_config.embeddings}
+        del w._projector_config.embeddings[:]
+        w._projector_config.embeddings.extend(latest.values())
+        with open(config_path, "w") as f:
+            f.write(text_format.MessageToString(w._projector_config))
+        for folder, _dirs, files in os.walk(os.path.join(self.log_dir, subdir)):
+            os.chmod(folder, 0o700)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o600)
+        os.chmod(config_path, 0o600)
 
     def _profile_image(self, writer: Any, record: EvalRecord, scope: Scope) -> None:
         prefix = "" if record.mode == "full" else "tf_"
