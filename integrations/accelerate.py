@@ -39,9 +39,12 @@ class MemWatch:
         heldout: Any = None,
         canaries: Any = None,
         tokenizer: Any = None,
+        sinks: Any = (),
         output_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.monitor = Monitor(config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries)
+        self.monitor = Monitor(
+            config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries, sinks=sinks
+        )
         self.train_data = train_data
         self.eval_data = eval_data
         self.collator = collator

@@ -55,8 +55,11 @@ class MemWatchCallback(TrainerCallback):
         heldout: Any = None,
         canaries: Any = None,
         tokenizer: Any = None,
+        sinks: Any = (),
     ) -> None:
-        self.monitor = Monitor(config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries)
+        self.monitor = Monitor(
+            config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries, sinks=sinks
+        )
 
     @property
     def config(self) -> MonitorConfig:

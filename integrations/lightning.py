@@ -53,9 +53,12 @@ class MemWatchLightningCallback(Callback):
         heldout: Any = None,
         canaries: Any = None,
         tokenizer: Any = None,
+        sinks: Any = (),
     ) -> None:
         super().__init__()
-        self.monitor = Monitor(config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries)
+        self.monitor = Monitor(
+            config, probes=probes, heldout=heldout, tokenizer=tokenizer, canaries=canaries, sinks=sinks
+        )
         self.model_attr = model_attr
         self._pending_state: Mapping[str, Any] | None = None
         self._seen_step: int | None = None

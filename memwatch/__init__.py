@@ -14,7 +14,8 @@ _LAZY = {
     "MonitorConfig": "memwatch.config",
     "AlertConfig": "memwatch.config",
     "Monitor": "memwatch.live.monitor",
-    "SetupError": "memwatch.live.monitor",
+    "SetupError": "memwatch.live.setup",
+    "Sink": "memwatch.live.sinks",
     "EvalRecord": "memwatch.record",
     "ConfigError": "memwatch.config",
     "scan": "memwatch.posthoc.scan",
@@ -34,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from memwatch.engine.extraction import extract as extract
     from memwatch.integrations.hf import MemWatchCallback as MemWatchCallback
     from memwatch.live.monitor import Monitor as Monitor
-    from memwatch.live.monitor import SetupError as SetupError
+    from memwatch.live.setup import SetupError as SetupError
+    from memwatch.live.sinks import Sink as Sink
     from memwatch.posthoc.scan import scan as scan
     from memwatch.probes import Probe as Probe
     from memwatch.record import EvalRecord as EvalRecord

@@ -268,6 +268,11 @@ class MonitorConfig:
     # The embedding view (TensorBoard's projector): the first, the last and every Nth evaluation; it costs one
     # panel-sized float16 matrix each time, so a handful of snapshots show memorized probes separating. None: off.
     embedding_every: int | None = 5
+    # The reference model that calibrates the membership signals (loss_calibrated, min_k_plus_calibrated, ...) and
+    # tells "memorized by this run" from "known before it": "auto" uses a PEFT model's base (adapters disabled; the
+    # base is frozen, so it is measured once, free thereafter) and nothing for a full fine-tune; a path names a model
+    # with the same tokenizer (loaded once, measured once, freed); None: off.
+    reference: str | None = "auto"
 
     # --- where ---
     output_dir: str | None = None  # default: <trainer output_dir>/memwatch
@@ -343,6 +348,11 @@ class MonitorConfig:
         _check_int("exposure_references", self.exposure_references, 1)
         _check_int("exposure_every", self.exposure_every, 1, optional=True)
         _check_int("embedding_every", self.embedding_every, 1, optional=True)
+        if self.reference is not None and (not isinstance(self.reference, str) or not self.reference):
+            raise ConfigError(
+                f"MonitorConfig.reference must be 'auto', a path or name of a model with the trained model's tokenizer, or None; "
+                f"got {self.reference!r}"
+            )
         if self.window not in ("first", "random"):
             raise ConfigError(f"MonitorConfig.window must be 'first' or 'random'; got {self.window!r}")
         for name in ("output_dir", "history_path", "tensorboard_dir", "run_name"):

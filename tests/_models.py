@@ -71,18 +71,22 @@ def memorizing_panel(k: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch
 @functools.lru_cache(maxsize=4)
 def trained_model(arch: str = "gpt2", k: int = 16, m: int = 16, steps: int = 200) -> torch.nn.Module:
     """A tiny model trained to recite the rows of memorizing_panel (cached per process; callers must not mutate)."""
-    model = tiny_model(arch, seed=1)
     train, _ = memorizing_panel(k, m)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return train_rows(tiny_model(arch, seed=1), train, steps, lr=3e-3).eval()
+
+
+def train_rows(model: torch.nn.Module, rows: torch.Tensor, steps: int, lr: float) -> torch.nn.Module:
+    """Full-batch AdamW on `rows` (shuffled each step, seeded) over the trainable parameters; left in train mode."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        batch = train[torch.randperm(len(train), generator=g)]
+        batch = rows[torch.randperm(len(rows), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval()
+    return model
 
 
 def wide_llama(

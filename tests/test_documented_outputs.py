@@ -95,6 +95,9 @@ def test_every_documented_tag_is_written_and_every_written_tag_is_documented(ful
     # A TPR at a low FPR is refused below 100 (1%) or 1000 (0.1%) controls and then never written: this run's
     # panels are smaller (tests/test_membership.py writes the 1% one with 128 controls). Nothing else may be absent.
     refused = [t for t in never_written if re.search(r"_tpr_(1|0\\\.1)pct(_lo|_hi)?\$$", t[1])]
-    assert refused == never_written, (
-        f"documented but never written: {sorted(set(never_written) - set(refused))}"
+    # The reference model's signals need a reference (a PEFT base, or one named by path): this full fine-tune has
+    # none; tests/test_reference.py reads them back from the event files of a run with one.
+    calibrated = [t for t in never_written if re.search(r"(calibrated|reference_extraction_rate)\$$", t[1])]
+    assert sorted(refused + calibrated) == never_written, (
+        f"documented but never written: {sorted(set(never_written) - set(refused) - set(calibrated))}"
     )

@@ -11,7 +11,8 @@ from _models import VOCAB, memorizing_panel, trained_model
 
 from memwatch import Monitor, MonitorConfig
 from memwatch.config import ConfigError
-from memwatch.live.monitor import Cadence, SetupError, nice_ceil
+from memwatch.live.cadence import Cadence, nice_ceil
+from memwatch.live.monitor import SetupError
 from memwatch.store.history import HistoryStore
 
 

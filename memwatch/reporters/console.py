@@ -96,6 +96,8 @@ def _bucket_index(name: str) -> int:
 class ConsoleReporter:
     """Prints record_table after each evaluation (the monitor calls it on rank 0 only)."""
 
+    name = "console"
+
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
 
@@ -123,6 +125,9 @@ class ConsoleReporter:
         from rich.markup import escape
 
         self.console.print(f"[bold red]{escape(message)}[/]")
+
+    def close(self) -> None:
+        """Nothing to release: the console belongs to the process."""
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)

@@ -130,6 +130,8 @@ class TensorBoardReporter:
     """Writes EvalRecords under <log_dir>: run-level tags at the top, each scope in its own sub-run; private files
     (0600, directories 0700), flushed after every evaluation."""
 
+    name = "tensorboard"
+
     def __init__(self, log_dir: str | os.PathLike[str], *, purge_step: int | None = None) -> None:
         from memwatch.store.files import private_makedirs
 

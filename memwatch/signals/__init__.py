@@ -2,7 +2,7 @@
 
 # isort: off
 # Registration order is the order outputs list things in: the extraction numbers first.
-from memwatch.signals import extraction, buckets, events, entropy, exposure, membership, kinds  # noqa: F401 - registers the built-in signals
+from memwatch.signals import extraction, buckets, events, entropy, exposure, membership, reference, kinds  # noqa: F401 - registers the built-in signals
 
 # isort: on
 from memwatch.signals.registry import (

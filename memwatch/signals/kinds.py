@@ -8,7 +8,15 @@ import numpy as np
 
 from memwatch.signals.registry import Aggregate, Signal, register_signal
 
-__all__ = ["CONTROL_EXTRACTED", "DUPLICATED", "RECITATION_REPETITIONS", "TEMPLATE", "evidence", "kind_of"]
+__all__ = [
+    "CONTROL_EXTRACTED",
+    "DUPLICATED",
+    "RECITATION_REPETITIONS",
+    "REFERENCE_KNOWN",
+    "TEMPLATE",
+    "evidence",
+    "kind_of",
+]
 
 # Evidence bits (the kind_evidence signal): why a memorized probe got its kind.
 DUPLICATED = (
@@ -18,6 +26,7 @@ TEMPLATE = 2  # its suffix is template-like: under 3 distinct tokens, an arithme
 CONTROL_EXTRACTED = (
     4  # text it cannot be told from is extracted too: a control with its suffix, or its tier's twin
 )
+REFERENCE_KNOWN = 8  # the reference model (a PEFT model's base, or the one you name) reproduces it already
 # Prashanth et al. 2024 call a sequence highly duplicated (recitation) above 5 copies in the training data.
 RECITATION_REPETITIONS = 6
 CONTROLS = ("heldout", "canary_heldout")
@@ -45,8 +54,10 @@ def evidence(
     groups: np.ndarray,
     metas: list[dict[str, Any]],
     memorized: np.ndarray,
+    reference_memorized: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The evidence bits [N] of every probe (the kind is read from them for memorized probes)."""
+    """The evidence bits [N] of every probe (the kind is read from them for memorized probes); reference_memorized
+    [N] (NaN where not measured): the reference model reproduces the suffix too."""
     tokens = np.asarray(tokens)[:, : k + m]
     n = len(tokens)
     groups = np.asarray(groups, dtype=object)
@@ -73,6 +84,9 @@ def evidence(
     }
     twin = canary & np.isin(reps, list(twin_tiers))
     bits |= np.where(same_suffix | twin, CONTROL_EXTRACTED, 0)
+    if reference_memorized is not None:
+        known = np.nan_to_num(np.asarray(reference_memorized, dtype=np.float64), nan=0.0) > 0
+        bits |= np.where(known, REFERENCE_KNOWN, 0)
     return bits
 
 
@@ -83,13 +97,21 @@ def kind_of(bits: np.ndarray, memorized: np.ndarray) -> np.ndarray:
     kind = np.where(
         bits & DUPLICATED,
         "recitation",
-        np.where(bits & (TEMPLATE | CONTROL_EXTRACTED), "reconstruction", "recollection"),
+        np.where(bits & (TEMPLATE | CONTROL_EXTRACTED | REFERENCE_KNOWN), "reconstruction", "recollection"),
     )
     return np.where(memorized, kind, "")
 
 
 def _evidence(ctx: Any) -> np.ndarray:
-    return evidence(ctx.tokens, ctx.k, ctx.m, ctx.groups, list(ctx.metas), ctx.values["memorized"])
+    return evidence(
+        ctx.tokens,
+        ctx.k,
+        ctx.m,
+        ctx.groups,
+        list(ctx.metas),
+        ctx.values["memorized"],
+        ctx.values.get("reference_memorized"),
+    )
 
 
 register_signal(
@@ -97,16 +119,17 @@ register_signal(
         "kind_evidence",
         f"why a memorization has its kind, as bits: {DUPLICATED} duplicated (in the panel, or a canary inserted "
         f"{RECITATION_REPETITIONS}+ times), {TEMPLATE} template-like suffix, {CONTROL_EXTRACTED} a control with "
-        "the same suffix or the tier's twin extracted too",
+        f"the same suffix or the tier's twin extracted too, {REFERENCE_KNOWN} the reference model reproduces it",
         "bits",
         _evidence,
-        after=("memorized",),
+        after=("memorized", "reference_memorized"),
     )
 )
 
 _KINDS = {
     "recitation": "memorized and duplicated (Prashanth et al. 2024): boilerplate seen many times",
-    "reconstruction": "memorized and predictable: template-like, or its control is extracted too",
+    "reconstruction": "memorized and predictable: template-like, its control is extracted too, or the reference "
+    "model already produces it",
     "recollection": "memorized, neither duplicated nor predictable: rare text remembered (the privacy-relevant kind)",
 }
 for _name, _meaning in _KINDS.items():
