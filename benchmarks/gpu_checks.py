@@ -8,7 +8,7 @@
     each with its near-tie flag and generate's top-1/top-2 margin at the first differing step;
 (b) the GPU rows of benchmarks/extraction.py (N=1024, bf16): memwatch vs two-pass vs the floor, and the peak
     extra GPU memory of an extraction;
-(c) a short Trainer overhead run (see the TODO it prints).
+(c) a short Trainer overhead run: benchmarks/overhead.py's two runs (without, then with memwatch) on the device.
 
 Results go to stdout and, when $OUT is set, to $OUT/gpu_checks.txt.
 """
@@ -22,6 +22,7 @@ import time
 
 import extraction as bench  # benchmarks/extraction.py (this script's folder is on sys.path)
 import numpy as np
+import overhead  # benchmarks/overhead.py
 import torch
 
 import memwatch
@@ -149,9 +150,13 @@ def main() -> None:
     t0 = time.perf_counter()
     check_correctness(say, name, args.device, 16 if args.quick else 96, k, m)
     check_speed(say, name, args.device, 32 if args.quick else 1024, k, m, 1 if args.quick else 3)
+    steps = 60 if args.quick else 300
     say(
-        "(c) TODO Trainer overhead on GPU: benchmarks/overhead.py's run() hard-codes use_cpu=True, so it cannot "
-        "measure a GPU run as it stands; give it a device option, then run it here with ~300 steps."
+        f"(c) benchmarks/overhead.py on {args.device}: {steps} steps without, then with MemWatchCallback defaults"
+    )
+    share, ratio = overhead.compare(steps, 20, 0, args.device, say)
+    say(
+        f"    memwatch's share of the steady window {share:.2%} (goal <= 2%); steps/s with / without {ratio:.3f}"
     )
     say(f"total {time.perf_counter() - t0:.0f}s")
     say.save()

@@ -32,7 +32,7 @@ class StepClock(TrainerCallback):
 
 
 def run(
-    steps: int, with_memwatch: bool, out: str, seed: int
+    steps: int, with_memwatch: bool, out: str, seed: int, device: str = "cpu"
 ) -> tuple[StepClock, MemWatchCallback | None, float]:
     train_text, held_text = stdlib_corpus(320_000)
     train = [{"input_ids": r, "labels": r} for r in _chunks(train_text, 128)]
@@ -45,7 +45,9 @@ def run(
         logging_steps=100,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=device == "cpu",
+        bf16=device
+        != "cpu",  # on a GPU, as people train: bf16 autocast (memwatch follows it, amp_dtype="auto")
         seed=seed,
         disable_tqdm=True,
     )
@@ -60,13 +62,8 @@ def run(
     return clock, mw, time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--warmup", type=int, default=20, help="steps excluded from the steady-state rate")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    hf_logging.set_verbosity_error()
+def compare(steps: int, warmup: int, seed: int, device: str = "cpu", say=print) -> tuple[float, float]:
+    """Both runs, one line each through `say`; (memwatch's share of the steady window, steps/s with / without)."""
     rates = {}
     share = float("nan")
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,27 +72,40 @@ def main() -> None:
             ("with memwatch (defaults)", True, "watched"),
         ):
             out = os.path.join(tmp, sub)
-            clock, mw, total = run(args.steps, flag, out, args.seed)
-            window = clock.stamps[args.steps] - clock.stamps[args.warmup]
-            rates[label] = (args.steps - args.warmup) / window
-            line = f"{label:26s} {rates[label]:6.2f} steps/s (steady, steps {args.warmup}-{args.steps}), total {total:6.1f}s"
+            clock, mw, total = run(steps, flag, out, seed, device)
+            window = clock.stamps[steps] - clock.stamps[warmup]
+            rates[label] = (steps - warmup) / window
+            line = f"{label:26s} {rates[label]:6.2f} steps/s (steady, steps {warmup}-{steps}), total {total:6.1f}s"
             if mw is not None:
                 from memwatch.store.runs import History
 
                 m = mw.monitor
                 with History(out) as h:
                     evals = h.store.evals(h.run().run_id)
-                inside = [e for e in evals if args.warmup < e["step"] <= args.steps]
+                inside = [e for e in evals if warmup < e["step"] <= steps]
                 spent = sum(e["duration"] or 0.0 for e in inside)
                 share = spent / window
                 line += (
                     f"; evaluations at steps {m.evaluated_steps} (interval {m.cadence.interval}, {len(m.panel)} "
                     f"probes); inside the window: {len(inside)}, taking {spent:.1f}s = {share:.2%} of it"
                 )
-            print(line, flush=True)
-    base, watched = rates["without memwatch"], rates["with memwatch (defaults)"]
+            say(line)
+    return share, rates["with memwatch (defaults)"] / rates["without memwatch"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=20, help="steps excluded from the steady-state rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast, as people train on GPUs)")
+    args = ap.parse_args()
+    hf_logging.set_verbosity_error()
+    share, ratio = compare(
+        args.steps, args.warmup, args.seed, args.device, lambda line: print(line, flush=True)
+    )
     print(f"\nmemwatch's share of steady training time at the default cadence: {share:.2%} (goal <= 2%)")
-    print(f"steps/s with / without = {watched / base:.4f} (two separate runs: the machine's noise included)")
+    print(f"steps/s with / without = {ratio:.4f} (two separate runs: the machine's noise included)")
 
 
 if __name__ == "__main__":

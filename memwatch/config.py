@@ -46,6 +46,17 @@ def _check_signals(signals: Any) -> None:
             f"MonitorConfig.signals: unknown signal(s) {unknown}; registered signals and group statistics: "
             f"{REGISTRY.switches()}"
         )
+    import importlib.util
+
+    for name, on in signals.items():
+        signal = REGISTRY.signals.get(name)
+        if on and signal is not None and signal.requires is not None:
+            module, extra = signal.requires
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"MonitorConfig.signals: {name!r} needs the optional package {module!r}, which is not "
+                    f"installed; pip install 'memwatch[{extra}]', or leave {name!r} off"
+                )
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -348,6 +359,18 @@ class MonitorConfig:
         _check_int("exposure_references", self.exposure_references, 1)
         _check_int("exposure_every", self.exposure_every, 1, optional=True)
         _check_int("embedding_every", self.embedding_every, 1, optional=True)
+        if self.embedding_every is None:
+            from memwatch.signals import REGISTRY
+
+            readers = [
+                s.name for s in REGISTRY.enabled(self.signals, self.mode) if "hidden_prefix" in s.needs
+            ]
+            if readers:
+                raise ConfigError(
+                    f"MonitorConfig.signals switches on {readers}, which read the hidden states of the embedding "
+                    "view's evaluations, but embedding_every=None never computes them; set embedding_every (e.g. 5) "
+                    "or switch them off"
+                )
         if self.reference is not None and (not isinstance(self.reference, str) or not self.reference):
             raise ConfigError(
                 f"MonitorConfig.reference must be 'auto', a path or name of a model with the trained model's tokenizer, or None; "
@@ -384,6 +407,7 @@ class MonitorConfig:
         "memorized_threshold",
         "boundary_width",
         "min_k",
+        "reference",
     )
 
     def definitions(self) -> dict[str, Any]:

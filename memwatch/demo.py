@@ -286,6 +286,7 @@ def _summary(callback: Any, settings: DemoSettings, elapsed: float) -> dict[str,
             for g, s in (record.stats.items() if record is not None else [])
         },
         "membership": _membership(record),
+        "kinds": _kinds(record),
         "history": os.path.join(out, "memwatch", "history.sqlite"),
         "tensorboard": os.path.join(out, "memwatch", "tb"),
         "manifest": os.path.join(out, "memwatch", "canaries.json"),
@@ -298,6 +299,26 @@ _MEMBERSHIP = {
     "train~heldout": ("loss", "min_k_plus"),
     "canary~canary_heldout": ("suffix_nll", "suffix_min_k_plus"),
 }
+
+
+_KIND_NAMES = ("recitation", "reconstruction", "recollection")
+
+
+def _kinds(record: Any) -> dict[str, dict[str, Any]]:
+    """Per group at the last evaluation: how many probes are memorized, by kind, and the entropy jump across the
+    boundary for each kind and for the probes not memorized (None where the group has none of them)."""
+    if record is None:
+        return {}
+    out = {}
+    for group, stats in record.stats.items():
+        row: dict[str, Any] = {"n": stats.n, "memorized": stats.memorized}
+        for name in (*_KIND_NAMES, "unmemorized"):
+            if name != "unmemorized":
+                row[name] = int(record.scalars.get(f"{group}/{name}_count", 0))
+            jump = record.scalars.get(f"{group}/boundary_jump_kind/{name}")
+            row[f"boundary_jump_{name}"] = None if jump is None or math.isnan(jump) else jump
+        out[group] = row
+    return out
 
 
 def _membership(record: Any) -> list[dict[str, Any]]:
@@ -350,6 +371,39 @@ def _print_summary(console: Any, summary: dict[str, Any], settings: DemoSettings
                 else f"{row['tpr_1pct']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
             )
             t.add_row(row["pair"], row["signal"], f"{row['auc']:.2f}", tpr)
+        console.print(t)
+    if summary["kinds"]:
+        t = Table(
+            title="what kind of memorization (recollection: rare text recalled, the privacy-relevant kind) and the "
+            "entropy jump across the boundary per kind (nats; negative: the model grows surer after the prefix)",
+            title_justify="left",
+        )
+        for col in (
+            "group",
+            "memorized",
+            "recited",
+            "reconstructed",
+            "recollected",
+            "jump: by kind",
+            "not memorized",
+        ):
+            t.add_column(col, justify="left" if col == "group" else "right")
+        for group, row in summary["kinds"].items():
+            jumps = ", ".join(
+                f"{name[:5]} {row[f'boundary_jump_{name}']:+.2f}"
+                for name in _KIND_NAMES
+                if row[f"boundary_jump_{name}"] is not None
+            )
+            rest = row["boundary_jump_unmemorized"]
+            t.add_row(
+                group,
+                f"{row['memorized']}/{row['n']}",
+                str(row["recitation"]),
+                str(row["reconstruction"]),
+                str(row["recollection"]),
+                jumps or "-",
+                "-" if rest is None else f"{rest:+.2f}",
+            )
         console.print(t)
     out = summary["out"]
     rel = os.path.relpath(out) if not os.path.relpath(out).startswith("..") else out

@@ -64,7 +64,7 @@ def make_trainer(out, data, callbacks, steps=400, collator=None):
 
 @pytest.mark.slow
 def test_dose_response_exposure_and_twins(tmp_path):
-    data, manifest = canary_setup()
+    data, manifest = canary_setup(per_tier=3)
     cfg = MonitorConfig(
         every_n_steps=50,
         prefix_len=K,
@@ -107,10 +107,17 @@ def test_dose_response_exposure_and_twins(tmp_path):
     assert [r["repetitions"] for r in rows] == [1, 4, 16, 64]
     last = rows[-1]
     assert (
-        last["inserted"] == last["twins"] == 1
-        and last["inserted_extracted"] == 1
+        last["inserted"] == last["twins"] == 3
+        and last["inserted_extracted"] == 3
         and last["twins_extracted"] == 0
     )
+    # Telling a canary's secret from its twin's (membership on the secret span) gets easier with the dose: the
+    # canary~twin AUC of the secret's NLL reaches 1 (every canary's secret likelier than every twin's) no later
+    # for a higher tier, and later for the 1x canaries than for the 64x ones (~13 epochs: in the end all do).
+    scalars = [r.scalars for _e, r in run.records()]
+    aucs = {t: [s[f"canaries/{t}x/suffix_nll_auc"] for s in scalars] for t in (1, 4, 16, 64)}
+    separated = [next((int(run.steps[i]) for i, a in enumerate(aucs[t]) if a == 1.0), never) for t in aucs]
+    assert all(a >= b for a, b in itertools.pairwise(separated)) and separated[0] > separated[-1], aucs
     assert last["median_exposure"] >= math.log2(REFS) and last["first_memorized_step"] is not None
     assert json.dumps(report)  # serializable
     # The probes are the canaries as found in the training data.

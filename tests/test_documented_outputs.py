@@ -17,7 +17,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def _pattern(text: str) -> re.Pattern[str]:
     pattern = re.escape(text)
-    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>", "<signal>"):
+    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>", "<signal>", "<kind>"):
         pattern = pattern.replace(re.escape(placeholder), r"[^/]+")
     return re.compile(pattern + "$")
 
@@ -51,6 +51,9 @@ def full_run(tmp_path_factory):
             heldout_probes=16,
             exposure_references=32,
             console=False,
+            signals={
+                "lid": True
+            },  # off by default (an optional package): on here, so its tags are written too
             alerts=AlertConfig(exposure_bits=3.0, extraction_rate={"canary": 0.2}),
         )
         cb = MemWatchCallback(cfg, canaries=manifest, heldout=held)

@@ -71,6 +71,13 @@ def test_peft_base_calibrates_the_signals_and_leaves_the_adapters_as_they_were(l
     with torch.no_grad():
         before = model(input_ids=members).logits.clone()
     model.train()  # as in training: evaluation must hand it back in train mode
+    frozen = [n for n, p in model.named_parameters() if "lora_A" in n]
+    for (
+        n,
+        p,
+    ) in model.named_parameters():  # LoRA-FA style: the A matrices frozen; peft's re-enabling would thaw them
+        if n in frozen:
+            p.requires_grad_(False)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     calls = []
@@ -87,6 +94,10 @@ def test_peft_base_calibrates_the_signals_and_leaves_the_adapters_as_they_were(l
     assert model.training and model.active_adapter == "default"
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(True)  # as the module fixture made it, for the other tests
     model.eval()  # no dropout: the adapted model's outputs, bit for bit
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=members).logits, before, rtol=0, atol=0)
@@ -208,3 +219,36 @@ def test_a_reference_that_cannot_serve_is_refused_at_setup(tmp_path, make, messa
             output_dir=tmp_path,
             train_data=[{"input_ids": r.tolist()} for r in _rows(7, 4)],
         )
+
+
+@pytest.mark.monitor_failures
+def test_a_failing_reference_switches_itself_off_and_the_evaluation_goes_on(tmp_path, lora, monkeypatch):
+    model, _reference, _known, members = lora
+    monitor = Monitor(
+        MonitorConfig(prefix_len=K, suffix_len=M, entropy_window=8, console=False, tensorboard=False)
+    )
+    monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in members])
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("adapter type cannot be disabled")
+
+    monkeypatch.setattr(model, "disable_adapter", broken)
+    first, second = monitor.evaluate(model, 1), monitor.evaluate(model, 2)
+    monitor.close()
+    assert first is not None and second is not None and not monitor.disabled
+    assert len(calls) == 1  # switched off after the failure: not retried at every evaluation
+    assert np.isnan(first.values["loss_calibrated"]).all() and np.isfinite(first.values["loss"]).all()
+    assert any(
+        "measuring the reference" in f and "adapter type cannot be disabled" in f for f in monitor.failures
+    )
+
+
+def test_a_given_reference_that_shares_weights_with_the_trained_model_is_refused(tmp_path, lora):
+    model, _reference, _known, members = lora
+    base = model.get_base_model()  # what get_peft_model changed in place: it trains with the adapters
+    monitor = Monitor(MonitorConfig(prefix_len=K, suffix_len=M, console=False), reference=base)
+    with pytest.raises(SetupError, match=r"shares \d+ parameter tensors with the trained model"):
+        monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in members])
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # untouched

@@ -11,7 +11,7 @@ import numpy as np
 from memwatch.config import MonitorConfig
 from memwatch.live import distributed
 
-__all__ = ["EvaluationError", "Measure", "is_oom"]
+__all__ = ["EvaluationError", "Measure", "free_memory", "is_oom"]
 
 log = logging.getLogger("memwatch")
 
@@ -185,7 +185,7 @@ class Measure:
             return False
         self.batch_size = max(1, self.batch_size // 2)
         log.warning("memwatch: out of memory during %s; retrying with batch_size=%d", what, self.batch_size)
-        _free_memory()
+        free_memory()
         return True
 
     def _exposure(
@@ -262,7 +262,8 @@ class Measure:
         return out
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Give freed tensors back: Python's garbage first, then the CUDA cache."""
     import gc
 
     import torch

@@ -87,7 +87,11 @@ class Monitor:
         self.alert_engine = None
         self.alert_sinks = None
         self.sinks: list[Sink] = []  # where each record goes, in order (rank 0)
+        self.history_sink: HistorySink | None = None
         self.measure = Measure(self.config)
+        self.reference_measure = Measure(
+            self.config
+        )  # its own batch size: an OOM there never shrinks training's
         # A model object given here, else MonitorConfig.reference ("auto": a PEFT model's base).
         self.reference = Reference(reference if reference is not None else self.config.reference)
         self.alerts: list[Any] = []
@@ -162,7 +166,8 @@ class Monitor:
         self.amp_dtype = amp_dtype if cfg.amp_dtype == "auto" else cfg.amp_dtype
         if self.amp_dtype == "fp32":
             self.amp_dtype = None
-        self.measure.amp_dtype = self.amp_dtype
+        self.measure.amp_dtype = self.reference_measure.amp_dtype = self.amp_dtype
+        self._setup_everywhere(model)
         self.output_dir = os.fspath(cfg.output_dir or os.path.join(os.fspath(output_dir or "."), "memwatch"))
         self.run_name = (
             cfg.run_name
@@ -199,15 +204,43 @@ class Monitor:
             self._tokens = self.panel.tokens(cfg.prefix_len + cfg.suffix_len)
             self.tracker = ProbeTracker(len(self.panel))
             check_model(cfg, model, self._tokens)
-        if REFERENCE_PRODUCTS & self._needs():  # every rank: each measures its shard of the reference too
-            described = self.reference.setup(model)
-            if described is not None and self.is_main:
-                log.info("memwatch: membership signals are calibrated by %s", described)
         self.tracker.load_state_dict(state["tracker"])
         self.cadence.load_state_dict(state["cadence"])
         self.evaluated_steps = list(state["evaluated_steps"])
         self.last_step = start_step
         self.ready = True
+
+    def _setup_everywhere(self, model: Any) -> None:
+        """What every rank checks and loads for itself before anything is opened: the optional packages of the
+        enabled signals, and the reference model. Every rank learns every rank's outcome, so none waits alone."""
+        import importlib
+
+        from memwatch.signals import REGISTRY
+
+        error = None
+        try:
+            for signal in REGISTRY.enabled(self.config.signals, self.config.mode):
+                if signal.requires is not None:
+                    module, extra = signal.requires
+                    try:
+                        importlib.import_module(module)
+                    except Exception as exc:
+                        raise SetupError(
+                            f"the {signal.name!r} signal needs {module!r}, which failed to import ({exc}); "
+                            f"pip install 'memwatch[{extra}]', or switch it off: signals={{{signal.name!r}: False}}"
+                        ) from exc
+            if REFERENCE_PRODUCTS & self._needs():
+                described = self.reference.setup(model, self.config.prefix_len + self.config.suffix_len)
+                if described is not None and self.is_main:
+                    log.info("memwatch: membership signals are calibrated by %s", described)
+        except SetupError as exc:
+            error = str(exc)
+        except Exception as exc:
+            error = f"memwatch could not set up the reference model: {type(exc).__name__}: {exc}"
+        errors = [e for e in distributed.all_gather(error) if e is not None]
+        if errors:
+            self.reference.close()
+            raise SetupError(errors[0])
 
     def _setup_main(
         self,
@@ -337,12 +370,12 @@ class Monitor:
         )
         if self.alerting is not None:
             self.alert_engine, self.alert_sinks = self.alerting.engine, self.alerting.delivery
-        history = (
+        self.history_sink = (
             HistorySink(self.history, self.run_id, cfg.reveal_text)
             if self.history is not None and self.run_id is not None
             else None
         )
-        builtin = [history, self.tensorboard, self.console, self.alerting]
+        builtin = [self.history_sink, self.tensorboard, self.console, self.alerting]
         self.sinks = [s for s in builtin if s is not None] + self.user_sinks
 
     def _describe(self, i: int) -> str | None:
@@ -397,6 +430,8 @@ class Monitor:
         if self.disabled:
             return None
         cfg = self.config
+        # Measured once, before the clock starts: the cadence and the history time the evaluation itself.
+        reference = self._reference(model) if REFERENCE_PRODUCTS & self._needs() else None
         t0 = time.perf_counter()
         record = None
         error: Exception | None = None
@@ -416,7 +451,6 @@ class Monitor:
                 exposure=self._exposure_due(),
                 progress=progress,
             )
-            reference = self._reference(model) if REFERENCE_PRODUCTS & self._needs() else None
             record = build_record(
                 step=step,
                 wall_time=time.time(),
@@ -557,8 +591,9 @@ class Monitor:
         return self._window_text
 
     def _embedding_due(self) -> bool:
-        """The embedding view (see cadence.embedding_due), only when TensorBoard, its one writer, is on."""
-        if not self.config.tensorboard:
+        """The embedding view (see cadence.embedding_due), when TensorBoard (its projector) or a signal of the
+        hidden states (lid) reads it."""
+        if not self.config.tensorboard and "hidden_prefix" not in self._needs():
             return False
         return embedding_due(self.config.embedding_every, len(self.evaluated_steps), self._final)
 
@@ -570,12 +605,14 @@ class Monitor:
 
     def _reference(self, model: Any) -> dict[str, np.ndarray] | None:
         """The reference products (measured at the first evaluation, then cached): the same panel through the
-        same teacher-forced pass and greedy decoding, on the reference model."""
+        same teacher-forced pass and greedy decoding, on the reference model. A failure switches the reference
+        off for the run (the calibrated signals stay absent, the rest goes on; strict=True raises): every rank
+        fails alike, since the measurement shares its errors."""
         assert self._tokens is not None and self.panel is not None
         metas = [p.meta for p in self.panel.probes]
 
         def run(reference_model: Any) -> Any:
-            result, _ = self.measure(
+            result, _ = self.reference_measure(
                 reference_model,
                 self._tokens,
                 metas=metas,
@@ -587,7 +624,21 @@ class Monitor:
             )
             return result
 
-        return self.reference.measure(model, run)
+        try:
+            return self.reference.measure(model, run)
+        except Exception as exc:
+            if self.config.strict:
+                raise
+            what = f"{type(exc).__name__}: {exc}"
+            message = (
+                f"memwatch: measuring the reference ({self.reference.description}) failed; the calibrated signals "
+                f"are off for this run, everything else goes on: {what}"
+            )
+            self.reference.disable()
+            self.failures.append(message)
+            log.error(message, exc_info=exc)
+            self._record_incident(self.last_step or 0, "monitor_error", message)
+            return None
 
     def _exposure_due(self) -> bool:
         """Exposure scoring this evaluation: canaries with references, an exposure signal on, and the cadence."""
@@ -606,10 +657,15 @@ class Monitor:
         recorded = True
         for sink in self.sinks:
             name = sink.name
+            if sink is self.alerting:
+                # A rule that cannot be evaluated fails the evaluation (counted, and the monitor switches itself
+                # off after max_failures): its actions (stop, save) must never be lost in silence.
+                sink.write(record)
+                continue
             try:
                 sink.write(record)
             except Exception as exc:
-                recorded = recorded and name != "history"
+                recorded = recorded and sink is not self.history_sink
                 key = f"writer:{name}"
                 what = f"{type(exc).__name__}: {exc}"
                 self.failures.append(f"step {record.step}: {name} writer: {what}")
@@ -622,9 +678,9 @@ class Monitor:
                         record.step,
                         exc_info=exc,
                     )
-                    if self.console is not None and name != "console":
+                    if self.console is not None and sink is not self.console:
                         self.console.warn(f"memwatch: writing the {name} failed: {what}")
-                if name != "history":
+                if sink is not self.history_sink:
                     self._record_incident(
                         record.step,
                         "monitor_error",
@@ -660,7 +716,9 @@ class Monitor:
         if self.ready:
             self._report_losses()
         closing: list[Any] = [s for s in reversed(self.sinks) if s is not self.alerting]
-        # Opened before the sink list existed (a setup that failed half-way) or closed with it: each once.
+        # Yours on every rank (rank 0 alone writes to them), and what was opened before the sink list existed (a
+        # setup that failed half-way): each closed once.
+        closing = [s for s in reversed(self.user_sinks) if s not in closing] + closing
         closing += [s for s in (self.tensorboard, self.history) if s is not None]
         closed: set[int] = set()
         for sink in closing:
@@ -674,8 +732,9 @@ class Monitor:
                 log.warning(
                     "memwatch: closing %s failed: %s", getattr(sink, "name", type(sink).__name__), exc
                 )
-        self.tensorboard = self.history = self.alert_sinks = self.alerting = None
-        self.sinks = []
+        self.reference.close()
+        self.tensorboard = self.history = self.alert_sinks = self.alerting = self.history_sink = None
+        self.sinks, self.user_sinks = [], []
         self.ready = False
 
     def _report_losses(self) -> None:

@@ -2,7 +2,8 @@
 
 # isort: off
 # Registration order is the order outputs list things in: the extraction numbers first.
-from memwatch.signals import extraction, buckets, events, entropy, exposure, membership, reference, kinds  # noqa: F401 - registers the built-in signals
+from memwatch.signals import extraction, buckets, events, entropy, exposure  # noqa: F401 - registers them
+from memwatch.signals import membership, reference, geometry, kinds  # noqa: F401 - registers them
 
 # isort: on
 from memwatch.signals.registry import (

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from memwatch.signals.registry import Aggregate, Signal, register_signal
+from memwatch.signals.registry import Aggregate, GroupStat, Signal, register_group_stat, register_signal
 
 __all__ = [
     "CONTROL_EXTRACTED",
@@ -161,3 +161,40 @@ for _name, _meaning in _KINDS.items():
             ),
         )
     )
+
+
+def _boundary_by_kind(ctx: Any, scope: Any) -> dict[str, float]:
+    """Per kind of memorization present in the scope (and for its probes not memorized): the entropy jump across
+    the boundary of their mean profile, first j generated positions minus last j prefix positions."""
+    from memwatch.signals.entropy import boundary_stats
+
+    entropy = ctx.products.get("entropy")
+    if entropy is None or ctx.w <= 0:
+        return {}
+    rows = np.asarray(scope.rows)
+    entropy = np.asarray(entropy, dtype=np.float64)[rows]
+    width = int(ctx.settings.get("boundary_width", 4))
+    memorized = np.asarray(ctx.values["memorized"], dtype=bool)[rows]
+    masks = {name: np.asarray(ctx.values[name], dtype=bool)[rows] for name in _KINDS if name in ctx.values}
+    masks["unmemorized"] = ~memorized
+    out = {}
+    for name, mask in masks.items():
+        if mask.any():
+            out[f"boundary_jump_kind/{name}"] = boundary_stats(entropy[mask].mean(axis=0), ctx.w, width)[2]
+    return out
+
+
+register_group_stat(
+    GroupStat(
+        "boundary_jump_kind/<kind>",
+        "entropy jump across the boundary (nats; the first j generated positions minus the last j prefix "
+        "positions of the mean profile) of the probes memorized by each kind, and of those not memorized (<kind>: "
+        "recitation, reconstruction, recollection, unmemorized)",
+        "nats",
+        _boundary_by_kind,
+        scopes=("group", "tier"),
+        needs=frozenset({"entropy"}),
+        after=("memorized", *_KINDS),
+        modes=("full",),
+    )
+)

@@ -101,7 +101,8 @@ class Signal:
     changes (the history keeps name and version); compute(ctx) -> [N] float/int/bool; stored: kept in the history
     (False: derived from stored ones, recomputed when a history is replayed); aggregates: its group statistics;
     histogram: TensorBoard histogram per group; membership: takes part in contrasts (member vs control AUC ...);
-    default: on unless MonitorConfig(signals={name: False})."""
+    default: on unless MonitorConfig(signals={name: False}); requires: (module, extra) of an optional package it
+    imports, checked when a config switches it on (a clear error naming `pip install memwatch[extra]`)."""
 
     name: str
     meaning: str
@@ -117,6 +118,7 @@ class Signal:
     histogram: bool = False
     membership: bool = False
     default: bool = True
+    requires: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or "~" in self.name:
