@@ -123,7 +123,8 @@ class MemWatchCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         try:
-            self._apply(self.monitor.on_step(model, state.global_step), control)
+            last = bool(state.max_steps) and state.global_step >= state.max_steps
+            self._apply(self.monitor.on_step(model, state.global_step, last=last), control)
         except Exception as exc:
             self.monitor.contain(exc, f"at step {state.global_step}")
         return control

@@ -350,6 +350,7 @@ def _membership(record: Any) -> list[dict[str, Any]]:
 
 
 def _print_summary(console: Any, summary: dict[str, Any], settings: DemoSettings) -> None:
+    from rich import box
     from rich.table import Table
 
     from memwatch.reporters.console import tier_table
@@ -374,35 +375,26 @@ def _print_summary(console: Any, summary: dict[str, Any], settings: DemoSettings
         console.print(t)
     if summary["kinds"]:
         t = Table(
-            title="what kind of memorization (recollection: rare text recalled, the privacy-relevant kind) and the "
-            "entropy jump across the boundary per kind (nats; negative: the model grows surer after the prefix)",
+            title="kinds of memorization (recollection: rare text recalled, the privacy-relevant kind): probes, "
+            "and in brackets the entropy jump across the boundary in nats (< 0: surer after the prefix than in it)",
             title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
         )
-        for col in (
-            "group",
-            "memorized",
-            "recited",
-            "reconstructed",
-            "recollected",
-            "jump: by kind",
-            "not memorized",
-        ):
-            t.add_column(col, justify="left" if col == "group" else "right")
+        columns = {"recited": "recitation", "reconstr.": "reconstruction", "recollect.": "recollection"}
+        for col in ("group", "memorized", *columns, "the rest"):
+            left = col == "group"
+            t.add_column(col, justify="left" if left else "right", no_wrap=True, min_width=14 if left else 9)
+
+        def cell(count: int, jump: float | None) -> str:
+            return f"{count}" + ("" if jump is None else f" ({jump:+.2f})")
+
         for group, row in summary["kinds"].items():
-            jumps = ", ".join(
-                f"{name[:5]} {row[f'boundary_jump_{name}']:+.2f}"
-                for name in _KIND_NAMES
-                if row[f"boundary_jump_{name}"] is not None
-            )
-            rest = row["boundary_jump_unmemorized"]
             t.add_row(
                 group,
                 f"{row['memorized']}/{row['n']}",
-                str(row["recitation"]),
-                str(row["reconstruction"]),
-                str(row["recollection"]),
-                jumps or "-",
-                "-" if rest is None else f"{rest:+.2f}",
+                *(cell(row[name], row[f"boundary_jump_{name}"]) for name in columns.values()),
+                cell(row["n"] - row["memorized"], row["boundary_jump_unmemorized"]),
             )
         console.print(t)
     out = summary["out"]

@@ -43,3 +43,15 @@ def test_a_short_demo_reports_membership_in_its_summary_and_json(tmp_path, capsy
     report = json.loads(capsys.readouterr().out)
     last = [c for c in report["contrasts"] if c["pair"] == "train~heldout" and c["step"] == 20]
     assert last and last[0]["loss_auc"] == pytest.approx(train["auc"], rel=1e-6)
+    # The kinds: every memorized probe has exactly one, per group in the summary, the printout and the JSON report;
+    # the final evaluation (step 20, on the cadence) wrote its projector snapshot.
+    kinds = summary["kinds"]
+    assert set(kinds) == {"canary", "canary_heldout", "train", "heldout"}
+    for row in kinds.values():
+        assert row["recitation"] + row["reconstruction"] + row["recollection"] == row["memorized"]
+    assert "kinds of memorization" in printed
+    final = [e for e in report["evals"] if e["step"] == 20]
+    assert {e["group"] for e in final} == set(kinds)
+    assert all(e["recollection_count"] == kinds[e["group"]]["recollection"] for e in final)
+    projector = (tmp_path / "memwatch" / "tb" / "projector_config.pbtxt").read_text()
+    assert "00000/" in projector and "00020/" in projector

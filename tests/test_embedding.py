@@ -78,3 +78,21 @@ def test_embedding_every_is_validated():
     with pytest.raises(ConfigError, match="embedding_every"):
         MonitorConfig(embedding_every=0)
     assert MonitorConfig(embedding_every=None).embedding_every is None
+
+
+def test_the_last_step_evaluated_by_the_cadence_is_the_final_snapshot(tmp_path):
+    """A run whose last step falls on the cadence: that evaluation is the last one (finish does not repeat it),
+    so it carries the snapshot when the integration says it is the last step (the Trainer callback does)."""
+    train, _panel = memorizing_panel(16, 16)
+    model = trained_model("gpt2", 16, 16)
+    cfg = MonitorConfig(prefix_len=16, suffix_len=16, entropy_window=8, console=False, every_n_steps=10)
+    monitor = Monitor(cfg)
+    monitor.setup(model, output_dir=tmp_path, train_data=[{"input_ids": r.tolist()} for r in train])
+    for step in range(1, 31):
+        monitor.on_step(model, step, last=step == 30)
+    monitor.finish(model, 30)
+    assert monitor.evaluated_steps == [10, 20, 30]
+    snapshots = sorted(
+        e.tensor_path.split("/")[0] for e in _config(str(tmp_path / "memwatch" / "tb")).embeddings
+    )
+    assert snapshots == ["00010", "00030"]

@@ -393,9 +393,12 @@ class Monitor:
 
     # --- running -----------------------------------------------------------------------------------------------
 
-    def on_step(self, model: Any, step: int) -> EvalRecord | None:
-        """Call after every optimizer step: times the step and evaluates when due. Never raises (unless strict)."""
+    def on_step(self, model: Any, step: int, *, last: bool = False) -> EvalRecord | None:
+        """Call after every optimizer step: times the step and evaluates when due. Never raises (unless strict).
+        last=True says this is the run's last step (an evaluation due now is the final one: the embedding view is
+        written with it, as it would be by finish)."""
         self.last_step = step
+        self._final = self._final or last
         now = time.perf_counter()
         had_interval = self.cadence.interval is not None
         if self._last_tick is not None:
