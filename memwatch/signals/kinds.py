@@ -184,17 +184,23 @@ def _boundary_by_kind(ctx: Any, scope: Any) -> dict[str, float]:
     return out
 
 
+_BY_KIND = (
+    "entropy jump across the boundary (nats; the first j generated positions minus the last j prefix positions of "
+    "the mean profile) of the probes memorized by each kind, and of those not memorized (<kind>: recitation, "
+    "reconstruction, recollection, unmemorized)"
+)
 register_group_stat(
     GroupStat(
-        "boundary_jump_kind/<kind>",
-        "entropy jump across the boundary (nats; the first j generated positions minus the last j prefix "
-        "positions of the mean profile) of the probes memorized by each kind, and of those not memorized (<kind>: "
-        "recitation, reconstruction, recollection, unmemorized)",
+        # Switched with the other boundary statistics (signals={"boundary": False}): it reads the same prefix
+        # entropies, which the engine then no longer computes.
+        "boundary/<kind>",
+        _BY_KIND,
         "nats",
         _boundary_by_kind,
         scopes=("group", "tier"),
         needs=frozenset({"entropy"}),
         after=("memorized", *_KINDS),
         modes=("full",),
+        outputs=(("boundary_jump_kind/<kind>", "scalar", _BY_KIND),),
     )
 )
