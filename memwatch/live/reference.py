@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from memwatch.signals.reference import REFERENCED
+
 __all__ = ["Reference", "adapter_switch"]
 
 log = logging.getLogger("memwatch")
@@ -149,13 +151,7 @@ class Reference:
                 for p, flag in trainable:  # peft's re-enabling marks every active adapter trainable
                     if p.requires_grad != flag:
                         p.requires_grad_(flag)
-        self.products = {
-            "reference_token_logprobs": result.token_logprobs,
-            "reference_token_logp_mean": result.token_logp_mean,
-            "reference_token_logp_var": result.token_logp_var,
-            "reference_match_count": result.match_count,
-            "reference_exact": result.exact,
-        }
+        self.products = {f"reference_{name}": getattr(result, name) for name in REFERENCED}
         log.info("memwatch: measured the reference (%s) on the panel", self.description)
         return self.products
 

@@ -2,57 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 
 from memwatch.signals.extraction import memorized
-from memwatch.signals.membership import min_k_plus
-from memwatch.signals.registry import Aggregate, Signal, register_signal
+from memwatch.signals.registry import REGISTRY, Aggregate, Signal, register_signal
 
-__all__ = ["REFERENCE_PRODUCTS"]
+__all__ = ["REFERENCED", "REFERENCE_PRODUCTS"]
 
 # What the monitor measures once with the reference model on the same panel (same teacher-forced pass and greedy
-# decoding as the live model): per-token log p and its moments [N, k + m - 1], and the match count and exactness of
-# its greedy continuation [N].
-REFERENCE_PRODUCTS = frozenset(
-    {
-        "reference_token_logprobs",
-        "reference_token_logp_mean",
-        "reference_token_logp_var",
-        "reference_match_count",
-        "reference_exact",
-    }
-)
-_TOKENS = frozenset({"token_logprobs", "reference_token_logprobs"})
+# decoding as the live model): these ExtractionResult fields, as products named reference_<field>.
+REFERENCED = ("token_logprobs", "token_logp_mean", "token_logp_var", "suffix_nll", "match_count", "exact")
+REFERENCE_PRODUCTS = frozenset(f"reference_{name}" for name in REFERENCED)
 
 
-def _logp(ctx: Any, name: str, suffix: bool = False) -> np.ndarray:
-    values = np.asarray(ctx.products[name], dtype=np.float64)
-    return values[:, -ctx.m :] if suffix else values
+def _on_reference(ctx: Any) -> Any:
+    """The same evaluation as the reference model saw it: its products in place of the trained model's, and no
+    signal values yet."""
+    products = {**ctx.products, **{name: ctx.products.get(f"reference_{name}") for name in REFERENCED}}
+    return dataclasses.replace(ctx, products=products, values={})
 
 
-def _loss_calibrated(ctx: Any) -> np.ndarray:
-    return -_logp(ctx, "token_logprobs").mean(axis=1) + _logp(ctx, "reference_token_logprobs").mean(axis=1)
+def _calibrated(name: str) -> tuple[Any, frozenset[str]]:
+    """compute(ctx) of `name` minus the same signal on the reference (one definition, both sides), and what it
+    needs: the signal's own products and their reference twins."""
+    signal = REGISTRY.signals[name]
 
+    def compute(ctx: Any) -> np.ndarray:
+        live = ctx.values.get(name)  # computed already when the signal is on (after=)
+        if live is None:
+            live = signal.compute(ctx)
+        return np.asarray(live, np.float64) - np.asarray(signal.compute(_on_reference(ctx)), np.float64)
 
-def _suffix_nll_calibrated(ctx: Any) -> np.ndarray:
-    live = -_logp(ctx, "token_logprobs", suffix=True).mean(axis=1)
-    return live + _logp(ctx, "reference_token_logprobs", suffix=True).mean(axis=1)
-
-
-def _min_k_plus_calibrated(ctx: Any) -> np.ndarray:
-    fraction = float(ctx.settings.get("min_k", 0.2))
-
-    def score(prefix: str) -> np.ndarray:
-        return min_k_plus(
-            _logp(ctx, f"{prefix}token_logprobs"),
-            _logp(ctx, f"{prefix}token_logp_mean"),
-            _logp(ctx, f"{prefix}token_logp_var"),
-            fraction,
-        )
-
-    return score("") - score("reference_")
+    return compute, signal.needs | {f"reference_{n}" for n in signal.needs if n in REFERENCED}
 
 
 def _reference_memorized(ctx: Any) -> np.ndarray:
@@ -62,44 +46,39 @@ def _reference_memorized(ctx: Any) -> np.ndarray:
     return memorized(None if count is None else np.asarray(count), ctx.m, exact, threshold)
 
 
-register_signal(
-    Signal(
+for _name, _base, _meaning in (
+    (
         "loss_calibrated",
+        "loss",
         "the window's loss minus the reference model's (a PEFT model's base, or the reference you name): what this "
         "run learned of the text, not what the model knew before it; lower = more member-like",
-        "nats",
-        _loss_calibrated,
-        direction=-1,
-        needs=_TOKENS,
-        membership=True,
-        aggregates=(Aggregate("mean_loss_calibrated", "mean", fmt=".3f", headline=False),),
-    )
-)
-register_signal(
-    Signal(
+    ),
+    (
         "suffix_nll_calibrated",
+        "suffix_nll",
         "the suffix's mean NLL (a canary's secret) minus the reference model's; lower = more member-like",
-        "nats",
-        _suffix_nll_calibrated,
-        direction=-1,
-        needs=_TOKENS,
-        membership=True,
-        aggregates=(Aggregate("mean_suffix_nll_calibrated", "mean", fmt=".3f", headline=False),),
-    )
-)
-register_signal(
-    Signal(
+    ),
+    (
         "min_k_plus_calibrated",
+        "min_k_plus",
         "min-k%++ of the window minus the reference model's min-k%++ on it; higher = more member-like",
-        "sd",
-        _min_k_plus_calibrated,
-        direction=1,
-        needs=_TOKENS
-        | {"token_logp_mean", "token_logp_var", "reference_token_logp_mean", "reference_token_logp_var"},
-        membership=True,
-        aggregates=(Aggregate("mean_min_k_plus_calibrated", "mean", fmt=".3f", headline=False),),
+    ),
+):
+    _compute, _needs = _calibrated(_base)
+    register_signal(
+        Signal(
+            _name,
+            _meaning,
+            REGISTRY.signals[_base].unit,
+            _compute,
+            direction=REGISTRY.signals[_base].direction,
+            after=(_base,),
+            needs=_needs,
+            modes=REGISTRY.signals[_base].modes,
+            membership=True,
+            aggregates=(Aggregate(f"mean_{_name}", "mean", fmt=".3f", headline=False),),
+        )
     )
-)
 register_signal(
     Signal(
         "reference_memorized",
