@@ -60,16 +60,47 @@ class Measure:
     ) -> tuple[Any, dict[str, np.ndarray]]:
         """(ExtractionResult of all rows of tokens [N, k + m], {exposure signal: [N]} when `exposure`, else {})."""
         from memwatch.engine.extraction import ExtractionResult
+        from memwatch.engine.extraction import extract as engine_extract
+
+        cfg = self.config
 
         def extract(rows: np.ndarray, sync: Any) -> Any:
-            return self._extract(
-                model, tokens[rows], entropy_window, token_stats, hidden_prefix, progress, sync
+            """memwatch.extract of these rows at the remembered batch size (see _backoff)."""
+            return self._backoff(
+                model,
+                len(rows),
+                entropy_window,
+                lambda bs: engine_extract(
+                    model,
+                    tokens[rows],
+                    prefix_len=cfg.prefix_len,
+                    suffix_len=cfg.suffix_len,
+                    entropy_window=entropy_window,
+                    batch_size=bs,
+                    mode=cfg.mode,
+                    amp_dtype=self.amp_dtype,
+                    progress=progress,
+                    sync=sync,
+                    token_stats=token_stats,
+                    hidden_prefix=hidden_prefix,
+                ),
+                "extraction",
+                local=sync is None,
             )
 
         def expose(rows: np.ndarray, sync: Any) -> dict[str, np.ndarray]:
+            """Exposure of every canary and twin among `rows` (panel indices, in order): its secret ranked among R
+            references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
             if not exposure:
                 return {}
-            return self._exposure(model, tokens, metas, references or {}, rows, sync, entropy_window)
+            return self._backoff(
+                model,
+                cfg.exposure_references + 1,
+                entropy_window,  # sizes the first halving as the extraction's (one remembered batch size)
+                lambda bs: self._score_exposure(model, tokens, metas, references or {}, rows, bs, sync),
+                "exposure scoring",
+                local=sync is None,
+            )
 
         world = distributed.world_size() if distributed.is_distributed() else 1
         if world == 1:
@@ -111,42 +142,6 @@ class Measure:
         extra = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
         return result, extra
 
-    def _extract(
-        self,
-        model: Any,
-        tokens: np.ndarray,
-        entropy_window: int,
-        token_stats: bool,
-        hidden_prefix: bool,
-        progress: Any,
-        sync: Any,
-    ) -> Any:
-        """memwatch.extract at the remembered batch size (see _backoff)."""
-        from memwatch.engine.extraction import extract
-
-        cfg = self.config
-        return self._backoff(
-            model,
-            len(tokens),
-            entropy_window,
-            lambda bs: extract(
-                model,
-                tokens,
-                prefix_len=cfg.prefix_len,
-                suffix_len=cfg.suffix_len,
-                entropy_window=entropy_window,
-                batch_size=bs,
-                mode=cfg.mode,
-                amp_dtype=self.amp_dtype,
-                progress=progress,
-                sync=sync,
-                token_stats=token_stats,
-                hidden_prefix=hidden_prefix,
-            ),
-            "extraction",
-            local=sync is None,
-        )
-
     def _backoff(
         self,
         model: Any,
@@ -187,27 +182,6 @@ class Measure:
         log.warning("memwatch: out of memory during %s; retrying with batch_size=%d", what, self.batch_size)
         free_memory()
         return True
-
-    def _exposure(
-        self,
-        model: Any,
-        tokens: np.ndarray,
-        metas: Sequence[Mapping[str, Any]],
-        references: Mapping[str, Any],
-        rows: np.ndarray,
-        sync: Any,
-        entropy_window: int,
-    ) -> dict[str, np.ndarray]:
-        """Exposure of every canary and twin among `rows` (panel indices, in order): its secret ranked among R
-        references after the same prefix, all scored by one prefix-shared teacher-forced pass."""
-        return self._backoff(
-            model,
-            self.config.exposure_references + 1,
-            entropy_window,  # sizes the first halving as the extraction's (one remembered batch size)
-            lambda bs: self._score_exposure(model, tokens, metas, references, rows, bs, sync),
-            "exposure scoring",
-            local=sync is None,
-        )
 
     def _score_exposure(
         self,

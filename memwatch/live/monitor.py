@@ -84,8 +84,7 @@ class Monitor:
         self.amp_dtype: str | None = None
         self.is_main = True
         self.alerting = None  # the AlertsSink (rules and delivery) when alerts are on
-        self.alert_engine = None
-        self.alert_sinks = None
+        self.alert_engine = None  # kept after close: the alert state goes into state_dict
         self.sinks: list[Sink] = []  # where each record goes, in order (rank 0)
         self.history_sink: HistorySink | None = None
         self.measure = Measure(self.config)
@@ -369,7 +368,7 @@ class Monitor:
             delivered=self.alerts,
         )
         if self.alerting is not None:
-            self.alert_engine, self.alert_sinks = self.alerting.engine, self.alerting.delivery
+            self.alert_engine = self.alerting.engine
         self.history_sink = (
             HistorySink(self.history, self.run_id, cfg.reveal_text)
             if self.history is not None and self.run_id is not None
@@ -736,7 +735,7 @@ class Monitor:
                     "memwatch: closing %s failed: %s", getattr(sink, "name", type(sink).__name__), exc
                 )
         self.reference.close()
-        self.tensorboard = self.history = self.alert_sinks = self.alerting = self.history_sink = None
+        self.tensorboard = self.history = self.alerting = self.history_sink = None
         self.sinks, self.user_sinks = [], []
         self.ready = False
 
@@ -756,6 +755,11 @@ class Monitor:
 
             step = self.last_step if self.last_step is not None else 0
             self.alert_sinks.emit(Alert(step, "monitor_losses", None, [], summary), only=("history", "jsonl"))
+
+    @property
+    def alert_sinks(self) -> Any:
+        """Where alerts go (AlertSinks), while the alerts sink is open; None otherwise."""
+        return None if self.alerting is None else self.alerting.delivery
 
     @property
     def batch_size(self) -> int | None:
