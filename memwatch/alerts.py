@@ -58,10 +58,20 @@ class Alert:
 
 
 def _fmt_probe(pid: str, meta: dict[str, Any]) -> str:
+    # The probe id first, as every report's probe column names it; a canary's manifest id beside it, so the
+    # alert can be found in the timelines and in the canary manifest alike.
     tier = meta.get("repetitions")
-    family = meta.get("family")
-    detail = ", ".join(x for x in (f"{tier}x" if tier is not None else None, family) if x)
-    return f"{meta.get('canary_id', pid)}" + (f" ({detail})" if detail else "")
+    canary = meta.get("canary_id")
+    detail = ", ".join(
+        x
+        for x in (
+            f"canary {canary}" if canary else None,
+            f"{tier}x" if tier is not None else None,
+            meta.get("family"),
+        )
+        if x
+    )
+    return pid + (f" ({detail})" if detail else "")
 
 
 class _Ema:

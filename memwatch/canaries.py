@@ -251,6 +251,26 @@ def _tokenizer_name(tokenizer: Any) -> str | None:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
+def _missing_hint(manifest: CanaryManifest, tokenizer: Any) -> str:
+    """Why a canary is not found: the manifest's tokenizer when it differs from the trainer's, else the dataset."""
+    made, used = manifest.tokenizer, _tokenizer_name(tokenizer)
+    if made and used and made != used:
+        return (
+            f"the canaries were made with tokenizer {made!r} but the trainer tokenizes with {used!r}, so their "
+            "token ids cannot match: make the canaries again with the tokenizer the trainer uses "
+            "(make_canaries(tokenizer, ...)) and inject those"
+        )
+    made_with = (
+        f" (the manifest was made with tokenizer {made!r}; tokenize the data with the same one)"
+        if made
+        else ""
+    )
+    return (
+        "pass the dataset returned by memwatch.canaries.inject(...) (after your tokenization) to the Trainer"
+        + made_with
+    )
+
+
 def _unit_sampler(fmt: str, rng: np.random.Generator) -> Callable[[], str]:
     if fmt == "digits":
         return lambda: str(int(rng.integers(10)))
@@ -745,13 +765,15 @@ def preflight(
     suffix_len: int,
     collator: Callable[[list[Any]], Any] | None = None,
     scan_limit: int = 200_000,
+    tokenizer: Any = None,
 ) -> PreflightReport:
     """Check, before training, that the inserted canaries are in `dataset` (the one the trainer uses), that their
     secret tokens receive loss under `collator`, and that each has prefix_len tokens of context before it.
 
     The rows recorded by `inject` are checked first; if the dataset was transformed since (tokenized, filtered,
     packed), up to `scan_limit` rows are searched for each secret's token ids. Raises CanaryError naming the
-    canary and the fix; returns the probe window of each inserted canary as it appears in the data.
+    canary and the fix; returns the probe window of each inserted canary as it appears in the data. `tokenizer`
+    (the trainer's) lets a canary that is missing because it was tokenized otherwise be told as such.
     """
     from memwatch.probes import example_tokens
 
@@ -811,8 +833,8 @@ def preflight(
                 "the training dataset" if complete else f"the first {scanned} rows of the training dataset"
             )
             message = (
-                f"inserted canary {c.id} ({c.repetitions}x, {c.family}) is not in {where}: pass the dataset returned "
-                "by memwatch.canaries.inject(...) (after your tokenization) to the Trainer"
+                f"inserted canary {c.id} ({c.repetitions}x, {c.family}) is not in {where}: "
+                + _missing_hint(manifest, tokenizer)
             )
             if complete:
                 raise CanaryError(message)

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
 __all__ = ["build_parser", "main"]
+
+# Errors raised below the CLI give the Python API's fix (MonitorConfig fields); a command-line user is told the
+# flag that does the same. {history} is the command's own flag for where the history goes.
+_CLI_WORDS = (
+    (r"set MonitorConfig\(suffix_len=(\d+)\)", r"pass --suffix-len \1"),
+    (r"MonitorConfig\(prefix_len=(\d+)\)", r"--prefix-len \1"),
+    (r"MonitorConfig\.prefix_len / suffix_len", "--prefix-len / --suffix-len"),
+    (r"MonitorConfig\.prefix_len", "--prefix-len"),
+    (r"MonitorConfig\.suffix_len", "--suffix-len"),
+    (r"\(MonitorConfig\(history_path=\.\.\.\) or output_dir=\.\.\.\)", "({history})"),
+    (r"\(history_path=\.\.\. or another output_dir\)", "({history} with another path)"),
+    (r"(its own|another|a writable) history_path", r"\1 {history}"),
+)
+_HISTORY_FLAG = {"scan": "--history FILE", "demo": "--out DIR"}
+
+
+def _in_cli_words(message: str, command: str) -> str:
+    """`message` with the Python API's advice replaced by `command`'s flags."""
+    for pattern, words in _CLI_WORDS:
+        message = re.sub(
+            pattern, words.replace("{history}", _HISTORY_FLAG.get(command, "another path")), message
+        )
+    return message
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -218,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     scan.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
     scan.add_argument("--batch-size", type=int, help="rows per forward (default: from a memory budget)")
-    same = "default: the --probes history's own, else %s"
+    same = "default: the --probes history's own (a canary manifest: its lengths), else %s"
     scan.add_argument("--prefix-len", type=int, help=same % 32)
     scan.add_argument("--suffix-len", type=int, help=same % 32)
     scan.add_argument("--entropy-window", type=int, help=same % "min(16, prefix-len - 1)")
@@ -296,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors += (ScanError,)
         return int(args.func(args) or 0)
     except errors as exc:
-        print(f"memwatch {args.command}: {exc}", file=sys.stderr)
+        print(f"memwatch {args.command}: {_in_cli_words(str(exc), args.command)}", file=sys.stderr)
         return 2
     except ValueError as exc:  # e.g. a step the run does not have
         print(f"memwatch {args.command}: {exc}", file=sys.stderr)

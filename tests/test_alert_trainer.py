@@ -51,6 +51,13 @@ def test_extracted_canary_saves_a_checkpoint_and_stops_training_at_that_step(tmp
     (recorded,) = [a for a in report["alerts"] if a["rule"] == "canary_extracted"]
     assert recorded["step"] == step and recorded["action"] == "save_checkpoint,stop_training"
     assert recorded["probe_ids"] == fired[0].probe_ids and recorded["group"] == "canary"
+    # One canary, one name: the ids the alert gives are the timelines' probe ids, and the canary id the alert
+    # prints beside each is the manifest's id of that very probe.
+    timelines = {p["id"]: p for p in report["probes"]}
+    for pid in fired[0].probe_ids:
+        assert timelines[pid]["first_memorized_step"] == step
+        cid = timelines[pid]["canary_id"]
+        assert f"{pid} (canary {cid}," in fired[0].message and manifest.by_id(cid).inserted
     lines = [json.loads(x) for x in (tmp_path / "memwatch" / "alerts.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["rule"] == "canary_extracted"] == [step]
     assert oct(os.stat(tmp_path / "memwatch" / "alerts.jsonl").st_mode & 0o777) == "0o600"

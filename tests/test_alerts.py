@@ -100,7 +100,9 @@ def test_canary_extracted_fires_once_and_respects_cooldown():
     ]  # eval 6 re-extracted within cooldown: quiet
     first = fired[2][0]
     assert first.rule == "canary_extracted" and first.probe_ids == ["p0"] and first.group == "canary"
-    assert "cn-a (64x, digits)" in first.message and first.step == 30 and first.data["tiers"] == [64]
+    assert (
+        "p0 (canary cn-a, 64x, digits)" in first.message and first.step == 30 and first.data["tiers"] == [64]
+    )
     no_cooldown = AlertEngine(
         AlertConfig(extraction_rate={}, spike=False, leak=False, exposure_bits=None, cooldown=0)
     )

@@ -367,3 +367,33 @@ def test_twins_share_their_canaries_families(per_tier):
         twn = Counter(c.family for c in man.canaries if c.repetitions == tier and not c.inserted)
         assert ins == twn, (tier, ins, twn)
     assert {c.family for c in man.canaries} == {"digits", "password"}  # both families appear, any per_tier
+
+
+class _ShiftedBytes(ByteTokenizer):
+    """Another tokenizer: byte ids shifted by one, under its own name."""
+
+    name_or_path = "test/shifted-bytes"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [t + 1 for t in super().encode(text)]
+
+    def __call__(self, text, add_special_tokens: bool = False, **_):
+        return {"input_ids": self.encode(text)}
+
+
+def test_preflight_names_the_tokenizer_when_the_canaries_were_made_with_another():
+    """Canaries made with one tokenizer and trained under another are missing for that reason: the message says
+    which two tokenizers, not only 'pass the dataset returned by inject'."""
+    man = make_canaries(_ShiftedBytes(), tiers=(2,), per_tier=1, prefix_len=8, secret_len=4, references=3)
+    texts, man = inject(["plain text " * 8 for _ in range(10)], man)
+    trained = ByteTokenizer()
+    rows = [{"input_ids": trained.encode(t)} for t in texts]
+    with pytest.raises(CanaryError) as exc:
+        preflight(man, rows, prefix_len=8, suffix_len=4, tokenizer=trained)
+    message = str(exc.value)
+    assert "'test/shifted-bytes'" in message and "'memwatch/bytes'" in message and "inject" in message
+    # Same tokenizer, wrong dataset: the old advice, with the manifest's tokenizer named.
+    with pytest.raises(
+        CanaryError, match=r"pass the dataset returned by .*made with tokenizer 'test/shifted"
+    ):
+        preflight(man, rows, prefix_len=8, suffix_len=4, tokenizer=_ShiftedBytes())

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from _models import VOCAB, memorizing_panel, trained_model
+from _models import VOCAB, memorizing_panel, tiny_model, trained_model
 
 from memwatch import Monitor, MonitorConfig
 from memwatch.config import ConfigError
@@ -126,10 +126,19 @@ def test_outputs_can_be_switched_off_and_relocated(tmp_path):
 
 def test_setup_errors_are_clear(tmp_path):
     model = trained_model("gpt2", 16, 16)
-    with pytest.raises(SetupError, match="no probes to evaluate: training data given"):
+    with pytest.raises(SetupError, match="no probes to evaluate: training data given") as exc:
         Monitor(MonitorConfig(prefix_len=16, suffix_len=16, console=False)).setup(
             model, output_dir=tmp_path, train_data=[{"input_ids": [1] * 10}]
         )
+    assert "rows of at least 32 tokens (the model takes up to 128)" in str(exc.value)
+    # Short rows for a model that cannot take the window at all: the position limit is the problem, and longer
+    # rows (which it could not take either) are not advised.
+    short_model = tiny_model("gpt2", positions=24)
+    with pytest.raises(SetupError, match="exceeds the model's position limit of 24") as exc:
+        Monitor(MonitorConfig(prefix_len=16, suffix_len=16, console=False)).setup(
+            short_model, output_dir=tmp_path, train_data=[{"input_ids": [1] * 10}]
+        )
+    assert "longer" not in str(exc.value) and "rows of at least" not in str(exc.value)
     with pytest.raises(SetupError, match=r"probes given, .* 2 probe.s. were too short"):
         Monitor(
             MonitorConfig(prefix_len=16, suffix_len=16, console=False), probes=[[1] * 10, [2] * 20]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -291,3 +294,39 @@ def test_a_checkpoint_that_fails_fails_the_scan(tmp_path, trained_with_checkpoin
         code == 2
         and "checkpoint-75 (step 75) failed: RuntimeError: cannot evaluate" in capsys.readouterr().err
     )
+
+
+def test_the_command_line_gives_command_line_advice(tmp_path, trained_with_checkpoints, capsys):
+    """Errors reaching the CLI name its flags, not MonitorConfig fields; a canary manifest's own lengths are the
+    scan's default, so the common case needs no flag at all."""
+    from memwatch.canaries import make_canaries
+
+    man = make_canaries(ByteTokenizer(), tiers=(2,), per_tier=1, prefix_len=K, secret_len=M, references=8)
+    mpath = str(man.save(tmp_path / "canaries.json"))
+    ckpt = str(trained_with_checkpoints / "checkpoint-75")
+    base = ["scan", ckpt, "--probes", mpath, "--exposure-references", "8"]
+    assert K != 32 and M != 32  # the defaults would not fit: the manifest's lengths are what made this work
+    assert main([*base, "--history", str(tmp_path / "ok.sqlite")]) == 0
+    with History(tmp_path / "ok.sqlite") as h:
+        evals = h.store.evals(h.run().run_id)
+        assert (evals[-1]["prefix_len"], evals[-1]["suffix_len"]) == (K, M)
+    capsys.readouterr()
+    assert main([*base, "--suffix-len", str(M + 2), "--history", str(tmp_path / "bad.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert f"pass --suffix-len {M}" in err and "MonitorConfig" not in err
+    # A read-only place for the history, as an ordinary user meets it (root drops CAP_DAC_OVERRIDE to see it).
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    command = [sys.executable, "-m", "memwatch.cli", *base, "--history", str(locked / "sub" / "h.sqlite")]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    try:
+        run = subprocess.run(command, capture_output=True, text=True)
+    finally:
+        locked.chmod(0o755)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "cannot create the history" in run.stderr and "(--history FILE)" in run.stderr
+    assert "MonitorConfig" not in run.stderr and "history_path" not in run.stderr

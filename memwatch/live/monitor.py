@@ -266,6 +266,7 @@ class Monitor:
         if stored:  # a resumed run keeps the probes it started with
             self.panel = Panel(Probe(tuple(p["tokens"]), p["group"], p["meta"]) for p in stored)
         else:
+            position_limit = check_model(cfg, model, None)  # before the panel, so its advice fits the model
             self.panel = build_panel(
                 cfg,
                 canaries=self.canaries,
@@ -275,11 +276,12 @@ class Monitor:
                 tokenizer=self.tokenizer,
                 train_data=train_data,
                 collator=collator,
+                position_limit=position_limit,
             )
             if self.manifest is not None and source == "live":
                 # Probe each inserted canary exactly as it appears in the training data.
                 self.panel, self.preflight_report = preflight_panel(
-                    self.panel, self.manifest, cfg, train_data, collator
+                    self.panel, self.manifest, cfg, train_data, collator, self.tokenizer
                 )
         self._tokens = self.panel.tokens(cfg.prefix_len + cfg.suffix_len)
         self.tracker = ProbeTracker(len(self.panel))

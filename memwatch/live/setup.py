@@ -35,6 +35,16 @@ def _looks_like_token_lists(data: Any) -> bool:
     )
 
 
+def _lengthen(need: int, position_limit: int | None) -> str:
+    """The fix for rows shorter than the window, never past what the model can take (need <= position_limit:
+    check_model ran first)."""
+    longest = f" (the model takes up to {position_limit})" if position_limit is not None else ""
+    return (
+        f"Give rows of at least {need} tokens{longest}, or lower MonitorConfig.prefix_len / suffix_len to fit "
+        "the rows you have."
+    )
+
+
 def build_panel(
     config: MonitorConfig,
     *,
@@ -45,9 +55,11 @@ def build_panel(
     tokenizer: Any,
     train_data: Any,
     collator: Any,
+    position_limit: int | None = None,
 ) -> Panel:
     """Canaries, the user's probes, training windows and held-out windows, in that order, without duplicates and
-    without anything shorter than prefix_len + suffix_len; a SetupError if nothing is left."""
+    without anything shorter than prefix_len + suffix_len; a SetupError if nothing is left (its advice bounded by
+    the model's `position_limit`, already checked to take prefix_len + suffix_len)."""
     cfg = config
     k, m = cfg.prefix_len, cfg.suffix_len
     panel = Panel()
@@ -122,8 +134,8 @@ def build_panel(
         raise SetupError(
             f"memwatch has no probes to evaluate: {', '.join(given) or 'no data'} given, but nothing has a "
             f"window of prefix_len + suffix_len = {k + m} tokens (training windows also need their last {m} "
-            f"tokens to receive loss){f'; {dropped} probe(s) were too short' if dropped else ''}. Use longer "
-            "sequences or smaller prefix_len / suffix_len."
+            f"tokens to receive loss){f'; {dropped} probe(s) were too short' if dropped else ''}. "
+            + _lengthen(k + m, position_limit)
         )
     return panel
 
@@ -156,7 +168,7 @@ def _canary_probes(config: MonitorConfig, canaries: Any, manifest: Any) -> list[
 
 
 def preflight_panel(
-    panel: Panel, manifest: Any, config: MonitorConfig, train_data: Any, collator: Any
+    panel: Panel, manifest: Any, config: MonitorConfig, train_data: Any, collator: Any, tokenizer: Any = None
 ) -> tuple[Panel, Any]:
     """Inserted canaries must really be in the data the trainer uses, with their secrets trained."""
     from memwatch.canaries import CanaryError, preflight
@@ -168,6 +180,7 @@ def preflight_panel(
             prefix_len=config.prefix_len,
             suffix_len=config.suffix_len,
             collator=collator,
+            tokenizer=tokenizer,
         )
     except CanaryError as exc:
         raise SetupError(str(exc)) from exc
@@ -183,8 +196,9 @@ def preflight_panel(
     return Panel(replaced), report
 
 
-def check_model(config: MonitorConfig, model: Any, tokens: np.ndarray | None) -> None:
-    """The model can take prefix_len + suffix_len positions and the probes' token ids."""
+def check_model(config: MonitorConfig, model: Any, tokens: np.ndarray | None) -> int | None:
+    """The model can take prefix_len + suffix_len positions and the probes' token ids (when given); returns the
+    model's position limit (None: unlimited)."""
     from memwatch.engine.modeling import inspect_model
 
     try:
@@ -202,6 +216,7 @@ def check_model(config: MonitorConfig, model: Any, tokens: np.ndarray | None) ->
             f"probe token ids reach {int(tokens.max())} but the model's vocabulary has {info.vocab_size} "
             "entries: the probes were tokenized with another tokenizer."
         )
+    return info.position_limit
 
 
 def check_alert_groups(config: MonitorConfig, panel: Panel | None) -> None:

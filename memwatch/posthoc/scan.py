@@ -222,7 +222,8 @@ def scan(
 
     Checkpoints already in the history with the same spec are skipped, so an interrupted scan resumes.
     prefix_len / suffix_len / entropy_window left None: those of the probe history's last evaluation when
-    `probes` is a history (so the scan measures what the live run measured), else 32 / 32 / min(16, k - 1).
+    `probes` is a history (so the scan measures what the live run measured), the manifest's prefix_len and
+    secret_len when it is a canary manifest, else 32 / 32 / min(16, k - 1).
     on_checkpoint(checkpoint, "start" | "skip" | "done") and on_batch(rows_done, rows_total) report progress.
     """
     from memwatch.config import AlertConfig, MonitorConfig
@@ -242,6 +243,9 @@ def scan(
         suffix_len = spec["suffix_len"] if suffix_len is None else suffix_len
         if entropy_window is None and prefix_len == spec["prefix_len"]:
             entropy_window = spec["entropy_window"]
+    if manifest is not None:  # a canary manifest knows the lengths its canaries were made for
+        prefix_len = manifest.prefix_len if prefix_len is None else prefix_len
+        suffix_len = manifest.secret_len if suffix_len is None else suffix_len
     prefix_len = 32 if prefix_len is None else prefix_len  # Pythia's convention
     suffix_len = 32 if suffix_len is None else suffix_len
     config = MonitorConfig(

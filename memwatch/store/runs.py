@@ -279,11 +279,12 @@ class RunData:
                     "forgotten_steps": forgotten,
                     "rememorized_steps": again,
                     "memorized_at_end": bool(col[-1]) if col.size else False,
-                    **(
-                        {"repetitions": self.metas[i]["repetitions"]}
-                        if "repetitions" in self.metas[i]
-                        else {}
-                    ),
+                    # A canary's manifest id beside its probe id: alerts name both, so both find it here.
+                    **{
+                        key: self.metas[i][key]
+                        for key in ("canary_id", "repetitions")
+                        if key in self.metas[i]
+                    },
                 }
             )
         return out
