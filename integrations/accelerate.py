@@ -109,6 +109,8 @@ class MemWatch:
         except Exception as exc:
             self.monitor.contain(exc, "at the end of training")
             return None
+        finally:
+            self.monitor.print_closing(beside=getattr(accelerator, "project_dir", None))
 
     # accelerator.register_for_checkpointing(watch) calls these
     def state_dict(self) -> dict[str, Any]:

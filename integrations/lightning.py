@@ -113,6 +113,7 @@ class MemWatchLightningCallback(Callback):
             self.monitor.finish(find_causal_lm(pl_module, self.model_attr), trainer.global_step)
         except Exception as exc:
             self.monitor.contain(exc, "at the end of training")
+        self.monitor.print_closing(beside=getattr(trainer, "log_dir", None) or trainer.default_root_dir)
 
     def _apply(self, trainer: Any, record: Any) -> None:
         if record is None or not record.actions:

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 import memwatch
 from memwatch import AlertConfig, MemWatchCallback, MonitorConfig
 from memwatch.bytetok import ByteTokenizer
+from memwatch.posthoc.report import render_html, render_text
 from memwatch.store.runs import History, report_dict
 
 
@@ -58,6 +59,9 @@ def test_extracted_canary_saves_a_checkpoint_and_stops_training_at_that_step(tmp
         assert timelines[pid]["first_memorized_step"] == step
         cid = timelines[pid]["canary_id"]
         assert f"{pid} (canary {cid}," in fired[0].message and manifest.by_id(cid).inserted
+        # ... and the text and HTML reports' timelines name it the same way.
+        with History(tmp_path) as h:
+            assert f"{pid} (canary {cid})" in render_text(h) and f"{pid} (canary {cid})" in render_html(h)
     lines = [json.loads(x) for x in (tmp_path / "memwatch" / "alerts.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["rule"] == "canary_extracted"] == [step]
     assert oct(os.stat(tmp_path / "memwatch" / "alerts.jsonl").st_mode & 0o777) == "0o600"

@@ -34,5 +34,13 @@ def test_every_config_field_has_a_row_in_its_table():
 
 def test_readme_opens_with_the_two_commands():
     head = README.split("## ", 1)[0]
-    assert "pip install . && memwatch demo" in head
+    blocks = head.split("```bash\n")[1:]
+    first, cpu = (b.split("\n```", 1)[0] for b in blocks[:2])
+    # One command each: the default (CUDA) build, and a CPU-only machine's from PyTorch's CPU wheel index.
+    assert "\n" not in first and first.endswith('pip install ".[ngrams]" && memwatch demo')
+    assert "\n" not in cpu and "--index-url https://download.pytorch.org/whl/cpu && " in cpu
+    assert cpu.endswith('pip install ".[ngrams]" && memwatch demo')
+    # CI repeats that install from a fresh clone (torch's CPU build from local disk there).
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert 'git clone -q . "$fresh/memwatch"' in ci and 'pip install -q ".[ngrams]"' in ci
     assert '<!-- ci:test -->\n```bash\npip install -e ".[test]" && pytest' in head

@@ -232,3 +232,29 @@ def test_works_without_tokenizer_or_eval_dataset_and_with_completion_only_labels
     assert panel.group_names() == ["train"]
     assert all(p.meta["start"] + K >= 30 for p in panel)  # suffixes only in trained tokens
     assert cb.monitor.evaluated_steps == [0, 10]
+
+
+@pytest.mark.parametrize("console", [True, False])
+def test_the_trainer_closes_with_where_the_files_went(tmp_path, capsys, console):
+    """At train end, rank 0 prints one panel: the history, the report and TensorBoard commands (off with the
+    console); the TensorBoard directory named holds both the trainer's run and memwatch's."""
+    cb = MemWatchCallback(MonitorConfig(every_n_steps=10, prefix_len=K, suffix_len=M, console=console))
+    make_trainer(tmp_path, [cb], steps=20, report_to=["tensorboard"]).train()
+    err = capsys.readouterr().err
+    if not console:
+        assert "memwatch report" not in err and "tensorboard --logdir" not in err
+        return
+    history = os.path.relpath(tmp_path / "memwatch" / "history.sqlite")
+    history = str(tmp_path / "memwatch" / "history.sqlite") if history.startswith("..") else history
+    assert f"Report:      memwatch report {history}   " in err and "3 evaluation(s), 0 alert(s)" in err
+    logdir = err.split("tensorboard --logdir ")[1].split()[0]
+    assert os.path.abspath(logdir) == str(tmp_path)
+    found = {
+        os.path.relpath(root, logdir).split(os.sep)[0]
+        for root, _, files in os.walk(logdir)
+        for f in files
+        if f.startswith("events")
+    }
+    assert "memwatch" in found and found - {"memwatch"}, (
+        found
+    )  # the trainer's own events sit beside memwatch's

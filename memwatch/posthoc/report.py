@@ -7,12 +7,14 @@ import html
 import io
 import math
 import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from memwatch.reporters.plot import BUCKET_COLORS
+from memwatch.reporters.plot import BUCKET_COLORS, nice_ticks, tick_label
 from memwatch.signals import REGISTRY
 from memwatch.signals.buckets import BUCKET_NAMES
 from memwatch.store.runs import History, RunData, probe_rows
@@ -163,9 +165,8 @@ def render_text(
     console = Console(file=out, width=width, force_terminal=False, color_system=None)
     alerts = history.store.alerts()
     for run in history.all_runs():
-        console.rule(
-            f"run {run.run_id}: {run.name} ({run.source}, {len(run.steps)} evaluations, {len(run.ids)} probes)"
-        )
+        console.rule(f"run {run.run_id}: {run.name}")
+        console.print(run.describe(), soft_wrap=True, highlight=False, markup=False)
         if not len(run.steps):
             console.print("no evaluations yet")
             continue
@@ -216,7 +217,7 @@ def render_text(
             t.add_column(col)
         for p in timelines[:max_probes]:
             t.add_row(
-                p["id"],
+                _probe_name(p),
                 p["group"],
                 f"{p['repetitions']}x" if "repetitions" in p else "",
                 str(p["first_memorized_step"]),
@@ -323,78 +324,218 @@ _COLORS = ["#3b6fb6", "#d9622b", "#3c9d5d", "#a23b72", "#8c6d1f", "#5b5b5b", "#1
 _BUCKET_COLORS = {name: "#{:02x}{:02x}{:02x}".format(*rgb) for name, rgb in BUCKET_COLORS.items()}
 
 
+@dataclass
+class _Line:
+    """One line of a chart: points (x, y; None or NaN for none), its colour, dashed or solid, and which points get
+    the extrapolated marker (marked[i] for point i)."""
+
+    name: str
+    xs: Sequence[float]
+    ys: Sequence[float | None]
+    color: str
+    dashed: bool = False
+    marked: Sequence[bool] = ()
+    legend: bool = True
+
+
+def _finite(y: Any) -> bool:
+    return y is not None and math.isfinite(y)
+
+
 def _svg_lines(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    lines: Sequence[_Line],
     title: str,
-    y_label: str,
-    colors: dict[str, str] | None = None,
+    x_label: str,
+    *,
     vline: float | None = None,
     percent: bool = False,
+    keys: Sequence[str] = (),
 ) -> str:
-    """A small self-contained SVG line chart: name -> (xs, ys)."""
-    w, h, left, right, top, bottom = 520, 260, 52, 130, 28, 36
-    xs_all = [x for xs, _ in series.values() for x in xs]
-    ys_all = [y for _, ys in series.values() for y in ys if y is not None and math.isfinite(y)]
-    if not xs_all or not ys_all:
+    """A small self-contained SVG line chart with y ticks covering the data at a 1/2/5 step and x ticks at one too.
+
+    keys: extra legend entries below the lines' ("twins", "extrapolated"): how to read dashes and markers."""
+    w, h, left, right, top, bottom = 560, 260, 52, 150, 28, 36
+    xs_all = [x for line in lines for x, y in zip(line.xs, line.ys, strict=True) if _finite(y)]
+    ys_all = [y for line in lines for y in line.ys if _finite(y)]
+    if not xs_all:
         return f"<figure><figcaption>{html.escape(title)}: no data</figcaption></figure>"
     x0, x1 = min(xs_all), max(xs_all)
-    y1 = max(ys_all) or 1.0
-    y1 = 1.0 if percent and y1 <= 1 else y1 * 1.1
+    # Rates, exposures and entropies read against zero: the y axis always holds it.
+    yticks = nice_ticks(min(0.0, *ys_all), max(0.0, *ys_all), 5)
+    y0, y1 = yticks[0], yticks[-1]
+    # The x axis keeps the data's range (no empty steps before the first evaluation); ticks inside it.
+    xticks = nice_ticks(x0, x1, 6, integer=True, cover=False)
     sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * (w - left - right)  # noqa: E731
-    sy = lambda y: top + (1 - y / y1) * (h - top - bottom)  # noqa: E731
+    sy = lambda y: top + (y1 - y) / (y1 - y0) * (h - top - bottom)  # noqa: E731
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{html.escape(title)}">',
         f'<text x="{left}" y="16" class="t">{html.escape(title)}</text>',
     ]
-    for frac in (0, 0.25, 0.5, 0.75, 1):
-        y = sy(frac * y1)
-        label = f"{frac * y1:.0%}" if percent else f"{frac * y1:.3g}"
+    # Labels sit on their grid line (dominant-baseline), so a label's y is its value's y.
+    for value in yticks:
+        y = sy(value)
         parts.append(
             f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" class="g"/>'
-            f'<text x="{left - 6}" y="{y + 4:.1f}" class="a" text-anchor="end">{label}</text>'
+            f'<text x="{left - 6}" y="{y:.1f}" class="a yt" text-anchor="end" dominant-baseline="middle">'
+            f"{tick_label(value, yticks, percent=percent)}</text>"
         )
-    for x in sorted(set([x0, x1, *([] if len(set(xs_all)) > 6 else xs_all)])):
+    for value in xticks:
+        x = sx(value)
         parts.append(
-            f'<text x="{sx(x):.1f}" y="{h - bottom + 16}" class="a" text-anchor="middle">{x:g}</text>'
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{h - bottom}" y2="{h - bottom + 4}" class="k"/>'
+            f'<text x="{x:.1f}" y="{h - bottom + 16}" class="a xt" text-anchor="middle">'
+            f"{tick_label(value, xticks)}</text>"
         )
     parts.append(
-        f'<text x="{(left + w - right) / 2}" y="{h - 4}" class="a" text-anchor="middle">{html.escape(y_label)}</text>'
+        f'<line x1="{left}" x2="{w - right}" y1="{h - bottom}" y2="{h - bottom}" class="k"/>'
+        f'<text x="{(left + w - right) / 2}" y="{h - 4}" class="a" text-anchor="middle">{html.escape(x_label)}</text>'
     )
     if vline is not None:
         parts.append(
             f'<line x1="{sx(vline):.1f}" x2="{sx(vline):.1f}" y1="{top}" y2="{h - bottom}" class="v"/>'
         )
-    for j, (name, (xs, ys)) in enumerate(series.items()):
-        color = (colors or {}).get(name, _COLORS[j % len(_COLORS)])
-        pts = " ".join(
-            f"{sx(x):.1f},{sy(y):.1f}"
-            for x, y in zip(xs, ys, strict=True)
-            if y is not None and math.isfinite(y)
-        )
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
-        ly = top + 14 * j
+    ly = top
+    for line in lines:
+        points = [(x, y) for x, y in zip(line.xs, line.ys, strict=True) if _finite(y)]
+        name = html.escape(line.name)
+        dash = ' stroke-dasharray="6 4"' if line.dashed else ""
+        pts = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
         parts.append(
-            f'<rect x="{w - right + 10}" y="{ly}" width="12" height="10" fill="{color}"/>'
-            f'<text x="{w - right + 26}" y="{ly + 9}" class="a">{html.escape(str(name))}</text>'
+            f'<polyline fill="none" stroke="{line.color}" stroke-width="2"{dash} points="{pts}">'
+            f"<title>{name}</title></polyline>"
         )
+        if len(points) <= 25:  # few evaluations: a dot per point shows where the line was measured
+            parts.extend(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{line.color}"/>' for x, y in points
+            )
+        for x, y, marked in zip(line.xs, line.ys, line.marked, strict=False):
+            if marked and _finite(y):
+                parts.append(
+                    f'<circle class="x" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5" fill="#fff" stroke="{line.color}" '
+                    f'stroke-width="2"><title>{name} at {x:g}: {y:.1f} (extrapolated)</title></circle>'
+                )
+        if line.legend:
+            parts.append(
+                f'<line x1="{w - right + 10}" x2="{w - right + 32}" y1="{ly + 5}" y2="{ly + 5}" stroke="{line.color}" '
+                f'stroke-width="3"{dash}/><text x="{w - right + 38}" y="{ly + 9}" class="a">{name}</text>'
+            )
+            ly += 14
+    for key in keys:
+        ly += 4
+        if key == "twins":
+            parts.append(
+                f'<line x1="{w - right + 10}" x2="{w - right + 32}" y1="{ly + 5}" y2="{ly + 5}" class="kd"/>'
+                f'<text x="{w - right + 38}" y="{ly + 9}" class="a">twins (control)</text>'
+            )
+        elif key == "extrapolated":
+            parts.append(
+                f'<circle cx="{w - right + 21}" cy="{ly + 5}" r="5" fill="#fff" stroke="#444" stroke-width="2"/>'
+                f'<text x="{w - right + 38}" y="{ly + 9}" class="a">extrapolated</text>'
+            )
+        ly += 14
     parts.append("</svg>")
     return "<figure>" + "".join(parts) + "</figure>"
 
 
+def _exposure_chart(run: RunData, tier_rows: Sequence[dict[str, Any]]) -> str:
+    """Median exposure per tier over the steps, solid, against its never-inserted twins, dashed in the tier's colour
+    (the control: what exposure looks like without training on the canary), and hollow markers where the tier's
+    median is extrapolated: the canaries beat every reference, so the rank form stops at log2 R and the headline
+    is the skew-normal tail (signals.exposure)."""
+    steps = run.steps.tolist()
+    by = {(r["step"], r["repetitions"]): r for r in tier_rows}
+    reps = sorted({r["repetitions"] for r in tier_rows})
+    lines = []
+    for j, rep in enumerate(reps):
+        rows = [by.get((st, rep), {}) for st in steps]
+        color = _COLORS[j % len(_COLORS)]
+        lines.append(
+            _Line(
+                f"{rep}x",
+                steps,
+                [r.get("median_exposure") for r in rows],
+                color,
+                marked=[_extrapolated(r) for r in rows],
+            )
+        )
+        lines.append(
+            _Line(
+                f"{rep}x twins",
+                steps,
+                [r.get("twins_median_exposure") for r in rows],
+                color,
+                True,
+                legend=False,
+            )
+        )
+    keys = ["twins"] + (["extrapolated"] if any(any(line.marked) for line in lines) else [])
+    chart = _svg_lines(lines, "canary exposure by tier (bits)", "step", keys=keys)
+    note = "Solid: inserted canaries' median exposure; dashed, same colour: their never-inserted twins (the control)."
+    if "extrapolated" in keys:
+        note += (
+            " Hollow circle: the median rests on extrapolated exposure (a canary beat every reference, past the "
+            "rank form's log2 R ceiling; a skew-normal tail estimate, not a count)."
+        )
+    return chart.replace("</figure>", f'<figcaption class="n">{html.escape(note)}</figcaption></figure>')
+
+
+def _extrapolated(row: dict[str, Any]) -> bool:
+    """Whether a tier row's median exposure rests on the extrapolated form. Extrapolation only ever raises a
+    canary already at the rank form's ceiling, so the order of the canaries is kept and the median exceeds the
+    rank form's median exactly when the middle canary (or one of the two) is extrapolated. The twins have no rank
+    median in the history (the aggregate is per tier only), so their line is never marked."""
+    value, ranked = row.get("median_exposure"), row.get("median_exposure_rank")
+    return _finite(value) and _finite(ranked) and value > ranked + 1e-9
+
+
+# A cell reads as a number: digits with a sign, decimals, a unit (%, x, bits), a fraction (3/8), an interval
+# ("0.41 [0.2, 0.6]"), a list ("10, 20") or "step 300"; "-" and refusals say nothing either way.
+_NUMBER = re.compile(
+    r"(step )?[-+]?\d[\d.,]*(e[-+]?\d+)?(%| ?bits|x)?(/\d+)?( \[[^\]]*\])?(, [-+]?\d[\d.]*)*"
+)
+
+
+def _numeric(cells: Sequence[Any]) -> bool:
+    said = [str(c) for c in cells if str(c) not in ("", "-") and not str(c).startswith("refused")]
+    return bool(said) and all(_NUMBER.fullmatch(c) for c in said)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str) -> str:
+    """An HTML table: numeric columns right-aligned (digits line up), text columns left-aligned. The table names
+    its text columns by class (l2: the 2nd), styled by _left_rules, so the cells stay bare <td>s."""
+    left = [i + 1 for i in range(len(headers)) if not _numeric([r[i] for r in rows])]
+    cls = f' class="{" ".join(f"l{i}" for i in left)}"' if left else ""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return (
+        f"<table{cls}><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def _left_rules(page: str) -> str:
+    """CSS aligning left the text columns the page's tables name (class l<i>: column i)."""
+    used = sorted(
+        {int(i) for c in re.findall(r'<table class="([^"]*)"', page) for i in re.findall(r"\bl(\d+)", c)}
+    )
+    return "".join(f"table.l{i} tr>:nth-child({i}){{text-align:left}}" for i in used)
+
+
+def _rich_columns(table: Any) -> tuple[list[str], list[list[str]]]:
+    """A rich Table's headers and cells as text: the text report's table shown in HTML, built once."""
+    columns = [[str(c) for c in col.cells] for col in table.columns]
+    return [str(col.header) for col in table.columns], [list(r) for r in zip(*columns, strict=True)]
 
 
 def render_html(history: History, *, from_step: int | None = None, to_step: int | None = None) -> str:
     """One self-contained HTML file (inline CSS and SVG; no scripts, no external requests)."""
+    from memwatch.reporters.console import tier_table
+
     sections = []
     alerts = history.store.alerts()
     for run in history.all_runs():
         s = [
-            f"<h2>Run {run.run_id}: {html.escape(run.name)} <small>({run.source}, {len(run.steps)} evaluations, "
-            f"{len(run.ids)} probes)</small></h2>"
+            f"<h2>Run {run.run_id}: {html.escape(run.name)} <small>({html.escape(run.describe())})</small></h2>"
         ]
         if not len(run.steps):
             sections.append("".join(s) + "<p>No evaluations yet.</p>")
@@ -404,22 +545,26 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
         steps = run.steps.tolist()
         by = {(r["step"], r["group"]): r for r in series}
         s.append('<div class="charts">')
-        s.append(
-            _svg_lines(
-                {g: (steps, [by[(st, g)]["extraction_rate"] for st in steps]) for g in groups},
-                "extraction rate by group",
-                "step",
-                percent=True,
+        for stat, title in (
+            ("extraction_rate", "extraction rate by group"),
+            ("mean_match_ratio", "mean match ratio by group"),
+        ):
+            s.append(
+                _svg_lines(
+                    [
+                        _Line(
+                            g,
+                            steps,
+                            [by[(st, g)][stat] if (st, g) in by else None for st in steps],
+                            _COLORS[j % len(_COLORS)],
+                        )
+                        for j, g in enumerate(groups)
+                    ],
+                    title,
+                    "step",
+                    percent=True,
+                )
             )
-        )
-        s.append(
-            _svg_lines(
-                {g: (steps, [by[(st, g)]["mean_match_ratio"] for st in steps]) for g in groups},
-                "mean match ratio by group",
-                "step",
-                percent=True,
-            )
-        )
         b = _pick(run, to_step, len(steps) - 1)
         a = _pick(run, from_step, 0)
         profiles = run.entropy_profiles(b)
@@ -427,39 +572,23 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
         for g, per in profiles.items():
             s.append(
                 _svg_lines(
-                    {name: (list(range(-w, len(e["profile"]) - w)), e["profile"]) for name, e in per.items()},
+                    [
+                        _Line(
+                            name,
+                            list(range(-w, len(e["profile"]) - w)),
+                            e["profile"],
+                            _BUCKET_COLORS.get(name, _COLORS[j % len(_COLORS)]),
+                        )
+                        for j, (name, e) in enumerate(per.items())
+                    ],
                     f"{g}: entropy profile at step {steps[b]} (nats)",
                     "position vs boundary",
-                    colors=_BUCKET_COLORS,
                     vline=-0.5,
                 )
             )
         tier_rows = run.tiers()
         if tier_rows:
-            reps = sorted({r["repetitions"] for r in tier_rows})
-            s.append(
-                _svg_lines(
-                    {
-                        f"{rep}x": (
-                            steps,
-                            [
-                                next(
-                                    (
-                                        r["median_exposure"]
-                                        for r in tier_rows
-                                        if r["step"] == st and r["repetitions"] == rep
-                                    ),
-                                    None,
-                                )
-                                for st in steps
-                            ],
-                        )
-                        for rep in reps
-                    },
-                    "canary exposure by tier (bits)",
-                    "step",
-                )
-            )
+            s.append(_exposure_chart(run, tier_rows))
         s.append("</div>")
         headers, rows = group_table(run)
         s.append(_table(headers, rows, "Groups over steps"))
@@ -479,29 +608,13 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                     )
                 )
         if tier_rows:
+            # The text report's dose-response table (reporters.console.tier_table), every step's rows, with a step
+            # column in front: its columns and formats, the match column included, come from one place.
+            headers, rows = _rich_columns(tier_table(tier_rows))
             s.append(
                 _table(
-                    [
-                        "step",
-                        "repetitions",
-                        "extracted",
-                        "twins extracted",
-                        "exposure",
-                        "twins' exposure",
-                        "first memorized",
-                    ],
-                    [
-                        [
-                            r["step"],
-                            f"{r['repetitions']}x",
-                            f"{r['inserted_extracted']}/{r['inserted']}",
-                            f"{r['twins_extracted']}/{r['twins']}",
-                            _f(r["median_exposure"], ".1f"),
-                            _f(r["twins_median_exposure"], ".1f"),
-                            r["first_memorized_step"] if r["first_memorized_step"] is not None else "-",
-                        ]
-                        for r in tier_rows
-                    ],
+                    ["step", *headers],
+                    [[str(r["step"]), *row] for r, row in zip(tier_rows, rows, strict=True)],
                     "Canaries: dose-response",
                 )
             )
@@ -511,7 +624,7 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
                 ["probe", "group", "tier", "first memorized", "forgotten at", "re-memorized at", "at end"],
                 [
                     [
-                        p["id"],
+                        _probe_name(p),
                         p["group"],
                         p.get("repetitions", ""),
                         p["first_memorized_step"],
@@ -552,10 +665,12 @@ def render_html(history: History, *, from_step: int | None = None, to_step: int 
         "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}"
         "h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}"
         "table{border-collapse:collapse;margin:14px 0}caption{text-align:left;font-weight:600;padding:4px 0}"
-        "th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}"
-        "td:first-child,th:first-child{text-align:left}.charts{display:flex;flex-wrap:wrap;gap:8px}"
-        "figure{margin:0}.t{font-weight:600;font-size:13px}.a{font-size:11px;fill:#444}"
-        ".g{stroke:#e6e6e6}.v{stroke:#333;stroke-dasharray:4 3}"
+        "th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:top}th{background:#f4f4f4}"
+        ".charts{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0}figcaption.n{font-size:12px;color:#555;max-width:560px}"
+        ".t{font-weight:600;font-size:13px}.a{font-size:11px;fill:#444}"
+        ".g{stroke:#e6e6e6}.k{stroke:#999}.kd{stroke:#444;stroke-width:2;stroke-dasharray:6 4}"
+        ".v{stroke:#333;stroke-dasharray:4 3}" + _left_rules("".join(sections))
     )
     return (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>memwatch report</title><style>{style}</style>"
@@ -611,11 +726,20 @@ def compare_dict(a: RunData, b: RunData) -> dict[str, Any]:
     }
 
 
+def _probe_name(timeline: dict[str, Any]) -> str:
+    """A probe as alerts name it: its id, and a canary's manifest id beside it."""
+    canary = timeline.get("canary_id")
+    return timeline["id"] + (f" (canary {canary})" if canary else "")
+
+
 def _side(run: RunData) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "name": run.name,
         "source": run.source,
+        "started": run.started,
+        "status": run.status,
+        "history": run.history,
         "mode": run.mode,
         "last_step": int(run.steps[-1]) if len(run.steps) else None,
     }
@@ -632,11 +756,19 @@ def render_compare(d: dict[str, Any], width: int = 120) -> str:
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=False, color_system=None)
 
-    def side(s: dict[str, Any]) -> str:
-        mode = "" if s.get("mode", "full") == "full" else f", mode {s['mode']}"
-        return f"{s['name']} (step {s['last_step']}{mode})"
+    def side(s: dict[str, Any], where: bool) -> str:
+        # Told apart even when both runs share a name: run id, source and start time, how it ended, and the
+        # history file when that is all that differs.
+        extra = [s.get("source"), f"started {s['started']}" if s.get("started") else None]
+        extra += [f"step {s['last_step']}", None if s.get("mode", "full") == "full" else f"mode {s['mode']}"]
+        extra.append(s["status"] if s.get("status") not in (None, "finished") else None)
+        extra.append(f"in {s['history']}" if where and s.get("history") else None)
+        return f"{s['name']} #{s['run_id']} ({', '.join(x for x in extra if x)})"
 
-    t = Table(title=f"A = {side(d['a'])}   B = {side(d['b'])}", title_justify="left", header_style="bold")
+    where = side(d["a"], False) == side(d["b"], False)
+    console.print(f"A = {side(d['a'], where)}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"B = {side(d['b'], where)}", soft_wrap=True, highlight=False, markup=False)
+    t = Table(title="last evaluation of each", title_justify="left", header_style="bold")
     for col in ("group", "metric", "A", "B", "B - A"):
         t.add_column(col, justify="left" if col in ("group", "metric") else "right")
     headline = {a.stat: a for mode in ("full", "exact") for a in REGISTRY.headline(mode)}

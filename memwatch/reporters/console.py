@@ -10,7 +10,7 @@ from rich.table import Table
 
 from memwatch.record import EvalRecord
 
-__all__ = ["ConsoleReporter", "record_table", "tier_table"]
+__all__ = ["ConsoleReporter", "closing_lines", "record_table", "tier_table"]
 
 
 def _fmt(value: float, spec: str = ".2f") -> str:
@@ -91,6 +91,35 @@ def _bucket_index(name: str) -> int:
     from memwatch.signals.buckets import BUCKET_NAMES
 
     return BUCKET_NAMES.index(name) if name in BUCKET_NAMES else 0
+
+
+def closing_lines(
+    history: str | None,
+    tensorboard_logdir: str | None,
+    evaluations: int,
+    alerts: int,
+    status: str = "finished",
+) -> list[str]:
+    """Where the run's files went and the commands that open them: the last thing a run prints (plain lines,
+    never wrapped, so each command can be copied whole)."""
+    import os
+
+    def short(path: str) -> str:
+        rel = os.path.relpath(path)
+        return path if rel.startswith("..") else rel
+
+    lines = [f"{evaluations} evaluation(s), {alerts} alert(s); the run {status}."]
+    if history:
+        lines.append(f"History:     {short(history)}")
+        lines.append(f"Report:      memwatch report {short(history)}   (--format json|csv|html)")
+    if tensorboard_logdir:
+        # The legacy dashboards' smoothing slider starts at 0.6, which turns a 0 -> 1 jump into a ramp: the
+        # custom-scalars link opens it at 0.
+        lines.append(f"TensorBoard: tensorboard --logdir {short(tensorboard_logdir)}")
+        lines.append(
+            "             then http://localhost:6006/#custom_scalars&_smoothingWeight=0 (unsmoothed)"
+        )
+    return lines
 
 
 class ConsoleReporter:

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["BUCKET_COLORS", "render_profiles"]
+__all__ = ["BUCKET_COLORS", "nice_ticks", "render_profiles", "tick_label"]
 
 # 3x5 glyphs, rows top to bottom, "#" on. Upper case is drawn as lower case.
 _GLYPHS = {
@@ -114,14 +114,52 @@ def _line(
             img[yy[ok], xx[ok]] = color
 
 
-def _nice_max(value: float) -> float:
-    if not math.isfinite(value) or value <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(value))
-    for mult in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        if mult * exp >= value:
-            return mult * exp
-    return 10 * exp
+def nice_ticks(
+    lo: float, hi: float, target: int = 5, *, integer: bool = False, cover: bool = True
+) -> list[float]:
+    """Axis ticks at a 1, 2 or 5 x 10^k step giving about `target` intervals over [lo, hi].
+
+    cover: from the tick at or below lo to the one at or above hi (a y axis spans them); else only the ticks
+    inside [lo, hi] (an x axis keeps the data's range). integer: no step below 1 (training steps, positions)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [0.0, 1.0]
+    lo, hi = min(lo, hi), max(lo, hi)
+    span = hi - lo
+    if span <= 0:  # one value: an axis of one unit (or of the value's size) above it, never a zero scale
+        if not cover:
+            return [lo]
+        span = abs(hi) or 1.0
+        hi = lo + span
+    raw = span / max(1, target)
+    mag = 10.0 ** math.floor(math.log10(raw))
+    eps = 1e-9  # float noise must not add or drop a tick at a value that is a multiple of the step
+
+    def bounds(step: float) -> tuple[int, int]:
+        if cover:
+            return math.floor(lo / step + eps), math.ceil(hi / step - eps)
+        return math.ceil(lo / step - eps), math.floor(hi / step + eps)
+
+    if cover:  # the smallest step giving at most `target` intervals: the axis ends close above the data
+        step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    else:
+        # Ticks only inside the range can be far fewer than the intervals (-16..15 by 10: three), so the step
+        # whose tick count comes closest to target + 1, the larger on a tie.
+        steps = [m * mag * f for f in (0.1, 1, 10) for m in (1, 2, 5)]
+        step = min(steps, key=lambda s: (abs(bounds(s)[1] - bounds(s)[0] - target), -s))
+    if integer:
+        step = max(step, 1.0)
+    first, last = bounds(step)
+    # k * step, rounded, so that 3 x 0.2 reads 0.6 and not 0.6000000000000001.
+    return [round(k * step, 12) + 0.0 for k in range(first, last + 1)]
+
+
+def tick_label(value: float, ticks: Sequence[float], *, percent: bool = False) -> str:
+    """A tick's label with as many decimals as the ticks' step needs (0.5, 1.0, 1.5 -> "0.5", "1.0", "1.5")."""
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(value) or 1.0
+    if percent:
+        value, step = value * 100, step * 100
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+    return f"{value:.{decimals}f}" + ("%" if percent else "")
 
 
 def render_profiles(
@@ -143,18 +181,20 @@ def render_profiles(
     pw, ph = width - left - right, height - top - bottom
     lengths = [len(v) for v in profiles.values()]
     n = max(lengths) if lengths else entropy_window + 1
-    ymax = _nice_max(max((float(np.nanmax(v)) for v in profiles.values() if len(v)), default=1.0))
+    finite = [float(x) for v in profiles.values() for x in v if math.isfinite(x)]
+    yticks = nice_ticks(min(0.0, *finite) if finite else 0.0, max(finite, default=1.0), 4)
+    ymin, ymax = yticks[0], yticks[-1]
 
     def px(i: float) -> float:
         return left + (i / max(1, n - 1)) * pw
 
     def py(v: float) -> float:
-        return top + ph - (v / ymax) * ph
+        return top + ph - (v - ymin) / (ymax - ymin) * ph
 
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # horizontal grid and y ticks
-        y = round(py(frac * ymax))
+    for value in yticks:  # horizontal grid and y ticks, at 1/2/5 steps
+        y = round(py(value))
         img[y, left : left + pw + 1] = _GRID
-        label = f"{frac * ymax:.3g}"
+        label = tick_label(value, yticks)
         _text(img, left - 6 - _text_width(label), y - 5, label)
     img[top : top + ph + 1, left] = _INK
     img[top + ph, left : left + pw + 1] = _INK

@@ -13,6 +13,7 @@ import numpy as np
 from memwatch.record import EvalRecord
 from memwatch.reporters.plot import render_profiles
 from memwatch.signals import REGISTRY
+from memwatch.signals.buckets import BUCKET_NAMES
 from memwatch.signals.registry import Scope
 
 __all__ = ["TensorBoardReporter", "documented_tags", "export_history", "tag_table"]
@@ -106,18 +107,23 @@ def _layout() -> dict[str, dict[str, list[Any]]]:
         for mode in ("full", "exact")
         for a in REGISTRY.headline(mode)
     }
+    # A tier's canaries and its twins (the control) on one chart: TensorBoard colours by sub-run, so a tier's two
+    # lines share its colour, the twins' being the one that stays low.
     tiers = {
-        title: ["Multiline", [rf"^{re.escape(_tag('tier', stat))}$"]]
+        title: [
+            "Multiline",
+            [rf"^{re.escape(_tag('tier', stat))}$", rf"^{re.escape(_tag('tier', 'twins_' + stat))}$"],
+        ]
         for title, stat in (
-            ("extraction rate by tier", "extraction_rate"),
-            ("twins' extraction rate by tier", "twins_extraction_rate"),
-            ("exposure by tier (bits)", "median_exposure"),
-            ("twins' exposure by tier (bits)", "twins_median_exposure"),
+            ("extraction rate by tier, canaries and their twins", "extraction_rate"),
+            ("exposure by tier (bits), canaries and their twins", "median_exposure"),
         )
     }
+    # One chart per bucket, a line per group: 6 buckets x 4 groups on one chart was unreadable (same colours).
     buckets = {
-        "probes per bucket": ["Multiline", [rf"^{PREFIX}/(prefix_)?bucket/.*"]],
-        "boundary jump by bucket": ["Multiline", [rf"^{PREFIX}/(tf_)?boundary_jump/.*"]],
+        f"{what} {name}": ["Multiline", [rf"^{PREFIX}/{tag}/{re.escape(name)}$"]]
+        for tag, what in (("bucket", "probes in bucket"), ("boundary_jump", "boundary jump, bucket"))
+        for name in BUCKET_NAMES
     }
     return {
         "memwatch: groups": groups,
