@@ -110,6 +110,23 @@ class MemWatchCallback(TrainerCallback):
             run_name=getattr(args, "run_name", None),
             model_name=getattr(config, "_name_or_path", None) or type(model).__name__,
         )
+        if trainer is not None and self.config.ngrams == "stream":
+            self._observe_batches(trainer)
+
+    def _observe_batches(self, trainer: Any) -> None:
+        """Streamed n-grams: each micro-batch's input_ids (attention mask respected) reach the index as the
+        Trainer trains on it, on every rank. training_step is shadowed on this Trainer object only (the class is
+        untouched) and restored at train end; the batch itself is passed on unchanged."""
+        original = trainer.training_step
+        monitor = self.monitor
+
+        def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            if hasattr(inputs, "get") and "input_ids" in inputs:  # a dict or a BatchEncoding
+                monitor.observe_batch(inputs["input_ids"], inputs.get("attention_mask"))
+            return original(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
+        self._shadowed = trainer
 
     @staticmethod
     def _apply(record: Any, control: Any) -> None:
@@ -134,4 +151,9 @@ class MemWatchCallback(TrainerCallback):
             self.monitor.finish(model, state.global_step)
         except Exception as exc:
             self.monitor.contain(exc, "at the end of training")
+        self.monitor.print_closing(beside=getattr(args, "logging_dir", None) or args.output_dir)
+        trainer = getattr(self, "_shadowed", None)
+        if trainer is not None and "training_step" in vars(trainer):
+            del trainer.training_step  # the Trainer as found: its class's method again
+            self._shadowed = None
         return control

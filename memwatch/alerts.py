@@ -27,6 +27,7 @@ __all__ = [
     "AlertEngine",
     "AlertSinks",
     "Flip",
+    "Forecast",
     "ProbeThreshold",
     "Rule",
     "RuleContext",
@@ -107,6 +108,9 @@ class RuleState:
         self.ema: dict[tuple[str, str], _Ema] = {}
         self.previous: dict[str, list[bool]] = {}  # flip rules: the signal at the previous evaluation
         self.pending: dict[tuple[str, str], int] = {}  # flips on near-tie rows: (rule, probe) -> step seen
+        # Per-rule memory across evaluations (the forecast rule's per-probe series): plain data, or an object whose
+        # state() gives it (the rule rebuilds the object from that data after load_state_dict).
+        self.series: dict[str, Any] = {}
 
     def cool(self, key: tuple[str, str]) -> bool:
         """True if the key may fire now (outside its cooldown); records the firing when it does."""
@@ -135,6 +139,7 @@ class RuleState:
             "ema": [[list(k), e.n, e.mean, e.var] for k, e in self.ema.items()],
             "previous": dict(self.previous),
             "pending": [[list(k), v] for k, v in self.pending.items()],
+            "series": {k: v.state() if hasattr(v, "state") else v for k, v in self.series.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -151,6 +156,7 @@ class RuleState:
             previous = {"exact": list(state["prev_exact"])}
         self.previous = previous
         self.pending = {tuple(k): v for k, v in state.get("pending", [])}
+        self.series = dict(state.get("series") or {})
 
 
 class Rule(Protocol):
@@ -404,6 +410,102 @@ class ProbeThreshold:
                 data,
             )
         ]
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Probes forecast to be memorized within `horizon` evaluations: an early warning, before exposure or extraction.
+
+    The rule keeps each probe's forecast quantities from the records it sees (RuleState.series: the last `max_evals`
+    evaluations; a resumed run rebuilds them by replaying its history through the rules), refits at every
+    evaluation a model on its own earlier evaluations (memwatch.posthoc.forecast.predict_latest: every label reads
+    evaluations up to this one, nothing later), and fires for the probes of `groups` (every group when empty) that
+    are not memorized now and reach the decision threshold (`min_probability`, or the training rows' best-F1 one),
+    each probe with its own hysteresis and cooldown. Silent until `min_positives` rows of the run were memorized
+    within `horizon` evaluations. Add it with AlertConfig(rules=(Forecast(horizon=3),))."""
+
+    horizon: int = 3
+    groups: tuple[str, ...] = ()
+    min_probability: float | None = None
+    min_positives: int = 3
+    window: int = 3  # evaluations the slopes of match ratio, NLL and exposure are fitted over
+    max_evals: int = 48  # evaluations remembered: bounds the rule's memory and each refit's cost
+    boundary_width: int = 4
+    model: str = "logistic"
+    name: str = "forecast"
+
+    def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]:
+        # Imported here: scikit-learn loads only for runs that ask for a forecast.
+        from memwatch.posthoc.forecast import Series, predict_latest
+
+        if "memorized" not in record.values:  # switched off: there is nothing to forecast
+            return []
+        series = state.series.get(self.name)
+        if isinstance(series, Mapping):  # as a checkpoint's state_dict left it
+            series = Series.from_state(series, record.groups, record.metas)
+        if series is None or series.ids != list(record.probe_ids):
+            series = Series(record.probe_ids, record.groups, record.metas, self.boundary_width)
+        series.add(record)
+        series.trim(self.max_evals)
+        state.series[self.name] = series
+        prediction = predict_latest(
+            series,
+            self.horizon,
+            window=self.window,
+            model=self.model,
+            min_positives=self.min_positives,
+            min_probability=self.min_probability,
+        )
+        if prediction is None:
+            return []
+        for i in np.flatnonzero(np.isnan(prediction.probability)).tolist():
+            # Memorized now: the episode is over, and a forecast after a forgetting warns again.
+            state.armed.pop((self.name, record.probe_ids[i]), None)
+        out = []
+        for g in self.groups or tuple(dict.fromkeys(record.groups.tolist())):
+            # Each probe with its own hysteresis (RuleState.reached): a probability hovering at the threshold
+            # fires once, and again only after falling clearly below it.
+            rows = [
+                i
+                for i in np.flatnonzero(record.groups == g).tolist()
+                if np.isfinite(p := float(prediction.probability[i]))
+                and state.reached((self.name, record.probe_ids[i]), p, prediction.threshold)
+            ]
+            rows = [i for i in rows if state.cool((self.name, record.probe_ids[i]))]
+            if not rows:
+                continue
+            for i in rows:
+                state.disarm((self.name, record.probe_ids[i]))
+            rows.sort(key=lambda i: -prediction.probability[i])
+            message = (
+                f"step {record.step}: {len(rows)} {g} probe(s) forecast to be memorized within {self.horizon} "
+                f"evaluation(s) (p >= {prediction.threshold:.2f}; not memorized yet): {ctx.names(record, rows)}"
+            )
+            data: dict[str, Any] = {
+                "horizon": self.horizon,
+                "threshold": prediction.threshold,
+                "probabilities": {
+                    record.probe_ids[i]: round(float(prediction.probability[i]), 4) for i in rows
+                },
+                "train_rows": prediction.train_rows,
+                "train_positives": prediction.train_positives,
+                "train_evals": prediction.train_evals,
+            }
+            tiers = {int(record.metas[i]["repetitions"]) for i in rows if "repetitions" in record.metas[i]}
+            if tiers:
+                data["tiers"] = sorted(tiers)
+            out.append(
+                Alert(
+                    record.step,
+                    self.name,
+                    g,
+                    [record.probe_ids[i] for i in rows],
+                    message,
+                    ctx.action(self.name),
+                    data,
+                )
+            )
+        return out
 
 
 def rules_of(config: AlertConfig) -> list[Any]:

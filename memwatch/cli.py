@@ -1,4 +1,4 @@
-"""The `memwatch` command line: demo, scan, report, compare, export-tb, recover (argparse; heavy imports on use)."""
+"""The `memwatch` command line: demo, scan, sweep, report, compare, export-tb, forecast, recover (argparse; heavy imports on use)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,51 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    """Comma-separated positive integers (argparse type of --prefix-lens / --suffix-lens)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 8,16,32; got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 8,16,32; got {text!r}")
+    return values
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from memwatch.posthoc.sweep import render_sweep_html, render_sweep_json, render_sweep_text, sweep
+
+    def on_extract(label, k, result):
+        print(f"{label}, k={k}: {len(result)} probes extracted", file=sys.stderr)
+
+    result = sweep(
+        args.models,
+        prefix_lens=args.prefix_lens,
+        suffix_lens=args.suffix_lens,
+        probes=args.probes,
+        sample_from=args.sample_from,
+        samples=args.samples,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        on_extract=on_extract,
+    )
+    render = {"json": render_sweep_json, "html": render_sweep_html}.get(args.format, render_sweep_text)
+    text = render(result)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     import json
 
@@ -173,6 +218,35 @@ def _export_tb(args: argparse.Namespace) -> int:
     for p in paths:
         print(f"wrote {p}")
     print(f"tensorboard --logdir {args.out}")
+    return 0
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    import json
+
+    from memwatch.posthoc.forecast import forecast, render_text
+
+    decode = None
+    if args.tokenizer:
+        if not args.reveal_text:
+            raise _Usage("--tokenizer decodes the probes' text, which only --reveal-text shows")
+        from transformers import AutoTokenizer
+
+        decode = AutoTokenizer.from_pretrained(args.tokenizer).decode
+    run = int(args.run) if args.run and args.run.isdigit() else args.run
+    report = forecast(
+        args.path,
+        run,
+        args.horizon,
+        test_fraction=args.test_fraction,
+        model=args.model,
+        reveal_text=args.reveal_text,
+        decode=decode,
+    )
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report.to_dict(), indent=1, allow_nan=False) + "\n")
+    else:
+        sys.stdout.write(render_text(report))
     return 0
 
 
@@ -251,6 +325,43 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--seed", type=int, default=0, help="seed of --sample-from's windows (default: 0)")
     scan.set_defaults(func=_scan)
 
+    sw = sub.add_parser(
+        "sweep",
+        help="extraction rate against prefix length k, continuation length m and model size",
+        description="Extraction rates of one probe panel for every prefix length, continuation length and model, "
+        "with one extraction per model and prefix length (greedy at the largest m answers every smaller m). The "
+        "continuation starts at token max(k) of every probe, so all cells score the same continuations; probes "
+        "need max(k) + max(m) tokens.",
+    )
+    sw.add_argument(
+        "models", nargs="+", metavar="MODEL", help="model directories or hub ids (e.g. a family's sizes)"
+    )
+    sw.add_argument(
+        "--prefix-lens", type=_int_list, default=[32], help="comma-separated k values (default: 32)"
+    )
+    sw.add_argument(
+        "--suffix-lens", type=_int_list, default=[32], help="comma-separated m values (default: 32)"
+    )
+    sw.add_argument("--probes", help='a history (a run\'s panel) or JSONL lines {"text"} / {"input_ids"}')
+    sw.add_argument("--sample-from", help="sample training windows from a dataset file (.jsonl or text)")
+    sw.add_argument(
+        "--samples", type=int, default=512, help="windows to sample with --sample-from (default: 512)"
+    )
+    sw.add_argument("--seed", type=int, default=0, help="seed of --sample-from's windows (default: 0)")
+    sw.add_argument("--tokenizer", help="tokenizer for text probes (default: the first model's)")
+    sw.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    sw.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    sw.add_argument("--batch-size", type=int, help="rows per forward (default: from a memory budget)")
+    sw.add_argument(
+        "--mode",
+        default="full",
+        choices=["full", "exact"],
+        help="full (default; match ratios too) or exact (one teacher-forced pass per k; exactness only)",
+    )
+    sw.add_argument("--format", choices=["text", "json", "html"], default="text")
+    sw.add_argument("--out", help="write to this file instead of standard output")
+    sw.set_defaults(func=_sweep)
+
     report = sub.add_parser(
         "report", help="summarize a history: groups over steps, transitions, timelines, canaries"
     )
@@ -283,6 +394,40 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", help="a history file or output directory")
     export.add_argument("--out", required=True, help="TensorBoard log directory to write")
     export.set_defaults(func=_export_tb)
+
+    fc = sub.add_parser(
+        "forecast",
+        help="which probes will be memorized within E evaluations: a model trained on the run's earlier "
+        "evaluations, tested on its later ones against naive baselines",
+        description="Forecast memorization from a history: a model trained on the run's earlier evaluations and "
+        "tested on its later ones (a time split: no test label is seen in training), against the baselines 'match "
+        "ratio above t' and 'NLL slope below s' (thresholds chosen on the training period), then the probes the "
+        "model forecasts to be memorized within E evaluations of the last one. Probes are named by id, group and "
+        "tier; their text only with --reveal-text.",
+    )
+    fc.add_argument("path", help="a history file or output directory")
+    fc.add_argument("--run", help="a run's name or id (default: the latest)")
+    fc.add_argument("--horizon", type=int, default=3, help="E: evaluations ahead (default: 3)")
+    fc.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.3,
+        help="share of the labelled evaluations, the latest, to test on (default: 0.3)",
+    )
+    fc.add_argument(
+        "--model",
+        choices=["logistic", "boosting"],
+        default="logistic",
+        help="logistic regression (default; few positives) or gradient boosting (long runs)",
+    )
+    fc.add_argument("--format", choices=["text", "json"], default="text")
+    fc.add_argument(
+        "--reveal-text",
+        action="store_true",
+        help="show the flagged probes' prefix and suffix (token ids, or decoded with --tokenizer)",
+    )
+    fc.add_argument("--tokenizer", help="with --reveal-text: decode with this tokenizer (a path or hub id)")
+    fc.set_defaults(func=_forecast)
 
     rec = sub.add_parser(
         "recover",

@@ -59,6 +59,28 @@ def _check_signals(signals: Any) -> None:
                 )
 
 
+def _check_ngrams(config: Any) -> None:
+    """MonitorConfig.ngrams is "off", "stream" or "dataset"; when on, the n-gram signals are on unless `signals`
+    switches one off; when off, none may be switched on (nothing would count for it)."""
+    from memwatch.signals.ngrams import NGRAM_SIGNALS
+
+    modes = ("off", "stream", "dataset")
+    if config.ngrams not in modes:
+        raise ConfigError(
+            f"MonitorConfig.ngrams must be one of {modes} ('stream': count the batches as they pass, 'dataset': "
+            f"index the training set at setup); got {config.ngrams!r}"
+        )
+    if config.ngrams == "off":
+        asked = sorted(n for n in NGRAM_SIGNALS if config.signals.get(n))
+        if asked:
+            raise ConfigError(
+                f"MonitorConfig.signals switches on {asked}, which count n-grams of the training data: set "
+                "MonitorConfig.ngrams='stream' or 'dataset' (pip install 'memwatch[ngrams]')"
+            )
+        return
+    object.__setattr__(config, "signals", {**dict.fromkeys(NGRAM_SIGNALS, True), **config.signals})
+
+
 def _check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"MonitorConfig.{name} must be True or False; got {value!r}")
@@ -262,6 +284,13 @@ class MonitorConfig:
     # min-k% prob and min-k%++ average the lowest k of the token scores: 20%, the value Shi et al. 2024 and Zhang
     # et al. 2024 found best across models and report by default.
     min_k: float = 0.2
+    # The training-data n-gram index (memwatch.corpus; its dup_window, suffix_ngram<n>, ngram_logprob, ngram_rho
+    # signals and the ngram_boundary, dup_extraction, distributional statistics): "dataset" indexes the tokenized
+    # training set once at setup (cached under <output_dir>/corpus by a hash of the data, reused on resume and by
+    # scan), "stream" indexes the batches as they pass (Monitor.observe_batch; counts "seen so far"), "off" none.
+    # Off by default: it needs the optional package tokengrams (pip install 'memwatch[ngrams]'), about 10 bytes of
+    # disk a training token, and time at setup ("dataset") or at each evaluation ("stream").
+    ngrams: str = "off"
 
     # --- the panel (DESIGN.md §5) ---
     train_probes: int = 512  # enough for a rate to move in steps of 0.2%, small enough to be cheap
@@ -340,6 +369,7 @@ class MonitorConfig:
         _check_fraction("memorized_threshold", self.memorized_threshold)
         _check_fraction("min_k", self.min_k)
         _check_signals(self.signals)
+        _check_ngrams(self)
         if not isinstance(self.pairs, tuple) or not all(
             isinstance(p, tuple) and len(p) == 2 and all(isinstance(g, str) and g for g in p) and p[0] != p[1]
             for p in self.pairs
@@ -408,6 +438,7 @@ class MonitorConfig:
         "boundary_width",
         "min_k",
         "reference",
+        "ngrams",  # a duplicate count of the whole dataset and one "seen so far" are different numbers
     )
 
     def definitions(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -104,6 +105,32 @@ def demo_model(seq_len: int = 128, seed: int = 0) -> Any:
     return GPT2LMHeadModel(config)
 
 
+_MARK = ".memwatch-demo"  # written into the demo's output directory: what the demo may remove on a rerun
+
+
+def _start_over(out: str) -> bool:
+    """Make `out` the demo's own, empty directory. A previous demo's files there are removed (so TensorBoard never
+    mixes two demos' events, and reports open this run); anything else there is refused, never deleted."""
+    import shutil
+
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, _MARK)):
+            raise ValueError(f"{out} exists and holds files the demo did not write; choose another --out")
+        for name in os.listdir(out):
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        removed = True
+    else:
+        removed = False
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, _MARK), "w") as f:
+        f.write("this directory belongs to `memwatch demo`, which replaces it on every run\n")
+    return removed
+
+
 def _chunks(data: bytes, n: int) -> list[list[int]]:
     return [list(data[i : i + n]) for i in range(0, len(data) - n + 1, n)]
 
@@ -139,9 +166,16 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         seed=settings.seed,
     )
     dataset, manifest = inject([{"input_ids": r, "labels": r} for r in train_rows], canaries)
+    if _start_over(settings.out):
+        console.print(f"[dim]starting over: the previous demo's files in {settings.out} were removed[/dim]")
     manifest.save(os.path.join(settings.out, "memwatch", "canaries.json"))
 
     model = demo_model(settings.seq_len, settings.seed)
+    if not importlib.util.find_spec("tokengrams"):
+        console.print(
+            "[dim]no n-gram index (duplicate counts, distributional memorization): pip install "
+            "'memwatch[ngrams]' to add it[/dim]"
+        )
     config = MonitorConfig(
         every_n_steps=settings.every,
         prefix_len=k,
@@ -149,6 +183,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         entropy_window=16,
         train_probes=128,
         heldout_probes=128,  # >= 100 controls: the TPR at 1% FPR is reported, not refused
+        # The training data's n-gram counts, seen so far, from the batches as they pass (memwatch[ngrams]).
+        ngrams="stream" if importlib.util.find_spec("tokengrams") else "off",
         console=not settings.live,
         output_dir=os.path.join(settings.out, "memwatch"),
         exposure_references=settings.exposure_references,
@@ -175,11 +211,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         model=model, args=args, train_dataset=dataset, callbacks=[callback] + ([view] if view else [])
     )
     t0 = time.time()
-    if view is not None:
-        with view:
+    try:
+        if view is not None:
+            with view:
+                trainer.train()
+        else:
             trainer.train()
-    else:
-        trainer.train()
+    except KeyboardInterrupt:
+        monitor = callback.monitor
+        done = len(monitor.evaluated_steps)
+        history = monitor.history.path if monitor.history is not None else "the history"
+        monitor.close(status="interrupted")
+        console.print(
+            f"\n[bold]Interrupted[/bold] at step {trainer.state.global_step} of {settings.steps}: {done} "
+            f"evaluation(s) are kept in {history}, the run marked interrupted. `memwatch demo` starts over "
+            f"(the files in {settings.out} are replaced)."
+        )
+        raise
     elapsed = time.time() - t0
     summary = _summary(callback, settings, elapsed)
     _print_summary(console, summary, settings)

@@ -17,7 +17,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def _pattern(text: str) -> re.Pattern[str]:
     pattern = re.escape(text)
-    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>", "<signal>", "<kind>"):
+    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>", "<signal>", "<kind>", "<bin>"):
         pattern = pattern.replace(re.escape(placeholder), r"[^/]+")
     return re.compile(pattern + "$")
 
@@ -54,6 +54,7 @@ def full_run(tmp_path_factory):
             signals={
                 "lid": True
             },  # off by default (an optional package): on here, so its tags are written too
+            ngrams="stream",  # the n-gram index's tags too, from the batches the Trainer trains on
             alerts=AlertConfig(exposure_bits=3.0, extraction_rate={"canary": 0.2}),
         )
         cb = MemWatchCallback(cfg, canaries=manifest, heldout=held)
@@ -104,3 +105,35 @@ def test_every_documented_tag_is_written_and_every_written_tag_is_documented(ful
     assert sorted(refused + calibrated) == never_written, (
         f"documented but never written: {sorted(set(never_written) - set(refused) - set(calibrated))}"
     )
+
+
+@pytest.mark.slow
+def test_every_custom_scalars_chart_draws_lines_and_each_tier_meets_its_twins(full_run):
+    """The custom-scalars layout read back from the event file: every chart's patterns match tags a run wrote (no
+    empty chart), each bucket chart has one line per group (not 24 on one), and a tier's canaries and its twins
+    are on one chart."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    out = full_run[0]
+    acc = read_events(str(out / "memwatch" / "tb"))
+    (key,) = [t for t in acc.Tags()["tensors"] if "custom_scalars" in t]
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors(key)[0].tensor_proto.string_val[0])
+    written = _written(out)
+    for category in layout.category:
+        for chart in category.chart:
+            lines = {
+                (run, tag)
+                for run, tag, kind in written
+                if kind == "scalar" and any(re.search(p, tag) for p in chart.multiline.tag)
+            }
+            assert lines, f"chart {chart.title!r} in {category.title!r} draws nothing"
+            if chart.title.startswith("probes in bucket"):
+                assert {run for run, _ in lines} == {"canary", "canary_heldout", "train", "heldout"}
+                assert len({tag for _, tag in lines}) == 1, chart.title
+            if "canaries and their twins" in chart.title:
+                tags = {tag for _, tag in lines}
+                assert any("twins_" in t for t in tags) and any("twins_" not in t for t in tags), chart.title
+    titles = [chart.title for category in layout.category for chart in category.chart]
+    assert sum(t.startswith("probes in bucket") for t in titles) == 6
+    assert sum("canaries and their twins" in t for t in titles) == 2

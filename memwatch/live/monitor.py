@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from memwatch.config import MonitorConfig
+from memwatch.corpus.feed import NgramFeed
 from memwatch.live import distributed
 from memwatch.live.cadence import Cadence, embedding_due, exposure_due
 from memwatch.live.measure import EvaluationError, Measure
@@ -33,6 +36,33 @@ from memwatch.signals.reference import REFERENCE_PRODUCTS
 __all__ = ["Monitor", "SetupError"]
 
 log = logging.getLogger("memwatch")
+
+# Monitors with a run open in a history. A process that exits without closing one (Ctrl-C in a training loop, an
+# exception out of trainer.train()) gets its run marked interrupted, said in the log, and its writers flushed.
+_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_interrupted() -> None:
+    for monitor in list(_OPEN):
+        history = monitor.history.path if monitor.history is not None else "the history"
+        step = monitor.last_step
+        log.warning(
+            "memwatch: run %r ended before training finished (last step %s); its %d evaluation(s) are kept in %s, "
+            "marked interrupted. Resume from a checkpoint to continue it, or start again.",
+            monitor.run_name,
+            step,
+            len(monitor.evaluated_steps),
+            history,
+        )
+        monitor.close(status="interrupted")
+
+
+def _vocab_size(model: Any) -> int:
+    """The model's vocabulary size (the n-gram index stores ids below it, and one separator id after them)."""
+    from memwatch.engine.modeling import inspect_model
+
+    return int(inspect_model(model).vocab_size)
 
 
 class Monitor:
@@ -61,6 +91,7 @@ class Monitor:
         canaries: Any = None,
         sinks: Iterable[Any] = (),
         reference: Any = None,
+        corpus: Any = None,
     ) -> None:
         if config is not None and not isinstance(config, MonitorConfig):
             raise TypeError(f"config must be a memwatch.MonitorConfig; got {type(config).__name__}")
@@ -93,7 +124,14 @@ class Monitor:
         )  # its own batch size: an OOM there never shrinks training's
         # A model object given here, else MonitorConfig.reference ("auto": a PEFT model's base).
         self.reference = Reference(reference if reference is not None else self.config.reference)
+        # The training-data n-gram index (MonitorConfig.ngrams): `corpus` (a memwatch.corpus.NgramSource, e.g. an
+        # InfiniGramIndex) serves the counts as given, else the dataset is indexed at setup or the batches streamed.
+        self.ngram_feed = NgramFeed(
+            self.config.ngrams, comm=distributed, corpus=corpus, strict=self.config.strict
+        )
         self.alerts: list[Any] = []
+        self.history_path: str | None = None  # where the history and TensorBoard went (kept after close)
+        self.tensorboard_dir: str | None = None
         self.last_record: EvalRecord | None = None
         self.evaluated_steps: list[int] = []
         self.last_step: int | None = (
@@ -207,6 +245,20 @@ class Monitor:
         self.cadence.load_state_dict(state["cadence"])
         self.evaluated_steps = list(state["evaluated_steps"])
         self.last_step = start_step
+        try:
+            self.ngram_feed.setup(
+                vocab_size=_vocab_size(model),
+                train_data=train_data,
+                directory=os.path.join(self.output_dir, "corpus"),
+                run_name=self.run_name,
+                start_step=start_step,
+                source=source,
+                progress=cfg.console,
+                error=SetupError,
+            )
+        except SetupError:
+            self.close()  # nothing stays open behind a failed setup
+            raise
         self.ready = True
 
     def _setup_everywhere(self, model: Any) -> None:
@@ -258,8 +310,10 @@ class Monitor:
             from memwatch.store.history import HistoryStore
 
             path = cfg.history_path or os.path.join(self.output_dir, "history.sqlite")
+            self.history_path = path
             self.history = HistoryStore(path, timeout=self.history_timeout)
             self.run_id = self.history.find_run(self.run_name, source) if resume else None
+            self._concurrent = self._check_writers(source)
             if self.run_id is not None and source == "live":
                 check_definitions(cfg, self.history.run_config(self.run_id), self.run_name)
         stored = self.history.panel(self.run_id) if self.run_id is not None and source == "live" else []
@@ -302,6 +356,8 @@ class Monitor:
             self.history.add_probes(
                 self.run_id, [(p.id, p.tokens, p.group, p.meta) for p in self.panel.probes]
             )
+            self.history.set_run_status(self.run_id, "running")
+            _OPEN.add(self)  # from here on this process writes the run, and says how it ended
         try:
             self._open_reporters(start_step if resume and source == "live" else 0)
             if self.run_id is not None and source == "live" and resume:
@@ -316,6 +372,32 @@ class Monitor:
             "cadence": self.cadence.state_dict(),
             "evaluated_steps": self.evaluated_steps,
         }
+
+    def _check_writers(self, source: str) -> list[dict[str, Any]]:
+        """Another process writing this run now is refused (two writers would replace each other's evaluations);
+        another run of the same name being written is allowed, said, and kept apart in TensorBoard."""
+        assert self.history is not None
+        others = self.history.live_writers(self.run_name)
+        same = [r for r in others if r["run_id"] == self.run_id]
+        if same:
+            r = same[0]
+            raise SetupError(
+                f"run {self.run_name!r} (run {r['run_id']}) in {self.history.path} is being written right now by "
+                f"process {r['pid']} on {r['host']}: two writers of one run would overwrite each other. Wait for it "
+                "to finish, or give this run another run_name or output_dir."
+            )
+        if others and source == "live":
+            r = others[-1]
+            log.warning(
+                "memwatch: another process (pid %s on %s) is writing a run named %r into %s right now; this run is "
+                "recorded beside it as a separate run and its TensorBoard events go to their own folder. Give each "
+                "training its own output_dir or run_name to keep them apart.",
+                r["pid"],
+                r["host"],
+                self.run_name,
+                self.history.path,
+            )
+        return others
 
     def _replay(self) -> None:
         """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
@@ -342,10 +424,15 @@ class Monitor:
         assert self.panel is not None
         if cfg.tensorboard:
             tb_dir = cfg.tensorboard_dir or os.path.join(self.output_dir, "tb")
+            if getattr(self, "_concurrent", None) and self.run_id is not None:
+                tb_dir = os.path.join(
+                    tb_dir, f"run-{self.run_id}"
+                )  # never mixed into another live run's events
             from memwatch.reporters.tensorboard import TensorBoardReporter
 
             try:
                 # A resumed run drops the events the interrupted one wrote after its checkpoint.
+                self.tensorboard_dir = tb_dir
                 self.tensorboard = TensorBoardReporter(
                     tb_dir, purge_step=purge_from + 1 if purge_from > 0 else None
                 )
@@ -400,6 +487,7 @@ class Monitor:
         written with it, as it would be by finish)."""
         self.last_step = step
         self._final = self._final or last
+        self.ngram_feed.end_step(step)  # a step boundary: streamed batches may be sealed into the index
         now = time.perf_counter()
         had_interval = self.cadence.interval is not None
         if self._last_tick is not None:
@@ -411,6 +499,14 @@ class Monitor:
         if not self.ready or self.disabled or not self.cadence.due(step):
             return None
         return self.evaluate(model, step)
+
+    def observe_batch(self, input_ids: Any, attention_mask: Any = None) -> None:
+        """A micro-batch the model trains on, for the streamed n-gram index (MonitorConfig.ngrams="stream"; a no-op
+        otherwise): input_ids [B, T] and attention_mask [B, T] (padding never counted), tensors, arrays or lists.
+        Call it for every micro-batch (every gradient-accumulation step), on every rank. Never raises (unless
+        strict): a failure switches the n-gram signals off with a logged error."""
+        if not self.disabled:
+            self.ngram_feed.observe(input_ids, attention_mask)
 
     def recorded_steps(self) -> set[int]:
         """Steps this run already holds in the history with the current spec (a scan skips them)."""
@@ -468,6 +564,7 @@ class Monitor:
                     **products_of(result, extra),
                     **(reference or {}),
                     "window_bytes": self._window_bytes(),
+                    **self.ngram_feed.products(self._tokens, cfg.prefix_len, cfg.suffix_len, step),
                 },
                 tracker=self.tracker,
                 settings=cfg.definitions(),
@@ -711,9 +808,36 @@ class Monitor:
             self.close()
         return record
 
-    def close(self) -> None:
+    def print_closing(self, beside: str | None = None) -> None:
+        """On rank 0 with the console on: where the history and TensorBoard went and the commands that open them.
+        `beside`: the trainer's own log directory, so one `tensorboard --logdir` shows both runs."""
+        if not (self.config.console and self.is_main) or (
+            self.history_path is None and self.tensorboard_dir is None
+        ):
+            return
+        from rich.console import Console
+
+        from memwatch.reporters.console import closing_lines
+
+        logdir = self.tensorboard_dir
+        if logdir is not None and beside is not None:
+            with contextlib.suppress(ValueError):  # different drives: memwatch's own directory then
+                logdir = os.path.commonpath([os.path.abspath(logdir), os.path.abspath(beside)])
+        with contextlib.suppress(Exception):  # a summary never fails a run
+            console = Console(stderr=True)
+            console.rule("memwatch", align="left")
+            for line in closing_lines(self.history_path, logdir, len(self.evaluated_steps), len(self.alerts)):
+                console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+    def close(self, status: str = "finished") -> None:
         """Close every sink: alert delivery first (bounded wait for webhook posts in flight), then what was lost is
-        reported, then yours, the console, TensorBoard and the history last. Idempotent; never raises."""
+        reported, then yours, the console, TensorBoard and the history last, the run marked `status` in it
+        ("finished"; "interrupted" when the process exits without closing). Idempotent; never raises."""
+        writing = self in _OPEN  # a setup refused before it took the run over leaves its state alone
+        _OPEN.discard(self)
+        if writing and self.history is not None and self.run_id is not None:
+            with contextlib.suppress(Exception):
+                self.history.set_run_status(self.run_id, status, self.last_step)
         if self.alerting is not None:
             with contextlib.suppress(Exception):
                 self.alerting.close()
@@ -737,6 +861,7 @@ class Monitor:
                     "memwatch: closing %s failed: %s", getattr(sink, "name", type(sink).__name__), exc
                 )
         self.reference.close()
+        self.ngram_feed.close()
         self.tensorboard = self.history = self.alerting = self.history_sink = None
         self.sinks, self.user_sinks = [], []
         self.ready = False

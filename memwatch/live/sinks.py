@@ -73,6 +73,17 @@ def write_history(history: Any, run_id: int, record: EvalRecord, reveal_text: bo
         for name, values in record.values.items()
         if name not in RESULT_COLUMNS and REGISTRY.signals[name].stored and np.isfinite(values).any()
     }
+    # Group statistics a replay cannot recompute are kept as numbers (a key is "<scope>/<stat>"; scope keys may
+    # hold a "/" themselves: canaries/4x).
+    keeping = [g for g in REGISTRY.group_stats.values() if g.kept]
+    kept = {}
+    if keeping:
+        prefixes = [scope.key + "/" for scope in record.scopes]
+        for table in (record.scalars, record.arrays):
+            for key, value in table.items():
+                stat = next((key[len(p) :] for p in prefixes if key.startswith(p)), None)
+                if stat is not None and any(g.owns(stat) for g in keeping):
+                    kept[key] = value
     history.add_evaluation(
         run_id,
         record.step,
@@ -84,6 +95,7 @@ def write_history(history: Any, run_id: int, record: EvalRecord, reveal_text: bo
         reveal_generated=reveal_text,
         columns=columns,
         signals=signals,
+        kept=kept,
     )
 
 

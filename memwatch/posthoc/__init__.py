@@ -1,1 +1,1 @@
-"""After training: scans of saved checkpoints (scan.py) and the reports and comparisons built from a history (report.py)."""
+"""After training: checkpoint scans (scan.py), k/m/model-size sweeps (sweep.py), reports and comparisons (report.py), the memorization forecast (forecast.py)."""

@@ -4,6 +4,7 @@
 # Registration order is the order outputs list things in: the extraction numbers first.
 from memwatch.signals import extraction, buckets, events, entropy, exposure  # noqa: F401 - registers them
 from memwatch.signals import membership, reference, geometry, kinds  # noqa: F401 - registers them
+from memwatch.signals import ngrams  # noqa: F401 - registers them (on with MonitorConfig.ngrams)
 
 # isort: on
 from memwatch.signals.registry import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -164,11 +165,19 @@ class GroupStat:
     kind: str = "scalar"
     # What it writes, for the documentation: (name pattern, kind, meaning); default: one output, its own name.
     outputs: tuple[tuple[str, str, str], ...] = ()
+    # Its numbers cannot be recomputed from what the history stores (they need per-token products it does not
+    # keep): the history keeps the numbers themselves, and a replay reads them back.
+    kept: bool = False
 
     @property
     def switch(self) -> str:
         """The name that switches it in MonitorConfig.signals: its name before any "/<...>" (boundary)."""
         return self.name.split("/<", 1)[0]
+
+    def owns(self, stat: str) -> bool:
+        """Whether `stat` (a record key's part after the scope: ngram_pre/exact) is one of its outputs."""
+        patterns = ("[^/]+".join(map(re.escape, re.split(r"<[^>]+>", name))) for name, _k, _m in self.outputs)
+        return any(re.fullmatch(p, stat) for p in patterns)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs", frozenset(self.needs))

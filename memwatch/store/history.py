@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -23,7 +24,7 @@ __all__ = [
     "reveal_matches",
 ]
 
-SCHEMA_VERSION = 2  # 1: memwatch 0.1.0; 2: the signal catalog (signals, signal_values)
+SCHEMA_VERSION = 3  # 1: memwatch 0.1.0; 2: the signal catalog (signals, signal_values); 3: run_state
 APPLICATION_ID = 0x6D656D77  # "memw": tells a memwatch history from any other SQLite file
 _INTEGER_COLUMNS = ("exact", "prefix_match_len", "near_tie")  # stored as SQLite integers (bools as 0/1)
 PAGE_SIZE = 16384  # rows carry ~400 bytes of blobs: larger pages measured ~1.7x faster ingest than 4 KiB
@@ -104,6 +105,32 @@ CREATE INDEX alerts_by_step ON alerts (run_id, step);
 """
 # Schema 2: registered signals beyond the typed result columns, without a schema change per signal. One row per
 # (evaluation, signal) holds the values of every probe of the run's panel, in panel order.
+# Whether a run is being written, finished or was cut short, and by which process: so a second writer of the same
+# run is told, an interrupted run is marked as such, and two runs of one name can be told apart.
+_RUN_STATE = """
+CREATE TABLE run_state (
+    run_id    INTEGER PRIMARY KEY REFERENCES runs(run_id),
+    status    TEXT NOT NULL,          -- running | finished | interrupted | failed
+    pid       INTEGER,
+    host      TEXT,
+    updated   REAL NOT NULL,
+    last_step INTEGER
+);
+"""
+RUN_STATUSES = ("running", "finished", "interrupted", "failed")
+
+# Group statistics a replay cannot recompute (GroupStat.kept: they need per-token products the results do not
+# hold), kept as numbers: key "<scope>/<stat>", a float64 little-endian blob (one value, or an array).
+_EVAL_STATS = """
+CREATE TABLE eval_stats (
+    eval_id  INTEGER NOT NULL REFERENCES evals(eval_id),
+    key      TEXT NOT NULL,
+    is_array INTEGER NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (eval_id, key)
+) WITHOUT ROWID;
+"""
+
 _SIGNALS = """
 CREATE TABLE signals (
     signal_id INTEGER PRIMARY KEY,
@@ -136,6 +163,19 @@ RESULT_COLUMNS = (
 
 class HistoryError(RuntimeError):
     """The history file cannot be used; the message says why and what to do. The file is left untouched."""
+
+
+def _alive_or_stopped(status: str | None, pid: int | None, host: str | None) -> str | None:
+    """A "running" run whose process on this host is gone was killed before it could say so: "stopped"."""
+    if status != "running" or pid is None or host != socket.gethostname():
+        return status  # another host's process cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "stopped"
+    except PermissionError:  # alive, another user's
+        pass
+    return status
 
 
 def damaged(path: str, detail: str) -> HistoryError:
@@ -305,7 +345,8 @@ class HistoryStore:
             c.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             # executescript commits whatever is pending, so the transaction lives inside the script.
             c.executescript(
-                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_SIGNALS}\nPRAGMA application_id={APPLICATION_ID};\n"
+                f"BEGIN IMMEDIATE;\n{_SCHEMA}\n{_SIGNALS}\n{_RUN_STATE}\n{_EVAL_STATS}\n"
+                f"PRAGMA application_id={APPLICATION_ID};\n"
                 f"PRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;"
             )
             c.execute("PRAGMA synchronous=NORMAL")
@@ -342,7 +383,7 @@ class HistoryStore:
                 self.conn.backup(target)
             finally:
                 target.close()
-        steps = {1: _SIGNALS}
+        steps = {1: _SIGNALS, 2: _RUN_STATE + _EVAL_STATS}
         script = "".join(steps[v] for v in range(version, SCHEMA_VERSION))
         try:
             self.conn.executescript(
@@ -487,6 +528,7 @@ class HistoryStore:
         label: str | None = None,
         reveal_generated: bool = False,
         signals: Mapping[str, tuple[Any, Any]] | None = None,
+        kept: Mapping[str, Any] | None = None,
     ) -> int:
         """Append one evaluation: one results row per probe. Replaces an evaluation at the same run, step and spec.
 
@@ -494,7 +536,8 @@ class HistoryStore:
         "entropy" [N, w + m] float32 rows become blobs; absent or None columns are stored as NULL. Generated tokens
         are stored as MATCH / WITHHELD (see _hide_matches) unless reveal_generated keeps the ones that differ.
         signals: the registered signals stored beside the columns, name -> (its Signal, or anything with version,
-        unit and meaning; per-probe values [N]); one catalog row per signal and version.
+        unit and meaning; per-probe values [N]); one catalog row per signal and version. kept: group statistics
+        a replay cannot recompute, "<scope>/<stat>" -> a number or an array (eval_stats).
         """
         import numpy as np  # callers pass numpy arrays; the module itself imports the standard library only
 
@@ -536,6 +579,8 @@ class HistoryStore:
             if old is not None:
                 c.execute("DELETE FROM results WHERE eval_id = ?", (old[0],))
                 c.execute("DELETE FROM signal_values WHERE eval_id = ?", (old[0],))
+                if self.version >= 3:
+                    c.execute("DELETE FROM eval_stats WHERE eval_id = ?", (old[0],))
                 c.execute("DELETE FROM evals WHERE eval_id = ?", (old[0],))
             cur = c.execute(
                 "INSERT INTO evals (run_id, step, wall_time, duration, prefix_len, suffix_len, entropy_window, mode,"
@@ -572,7 +617,28 @@ class HistoryStore:
                     "INSERT INTO signal_values (eval_id, signal_id, data) VALUES (?, ?, ?)",
                     (eval_id, self._signal_id(c, name, meta), data.tobytes()),
                 )
+            for key, value in (kept or {}).items():
+                is_array = np.ndim(value) > 0
+                blob = np.asarray(value, dtype="<f8").reshape(-1).tobytes()
+                c.execute(
+                    "INSERT INTO eval_stats (eval_id, key, is_array, data) VALUES (?, ?, ?, ?)",
+                    (eval_id, key, int(is_array), blob),
+                )
         return eval_id
+
+    def kept_stats(self, eval_id: int) -> dict[str, Any]:
+        """An evaluation's kept group statistics: "<scope>/<stat>" -> float, or a list of floats for an array."""
+        if self.version < 3:
+            return {}
+        out: dict[str, Any] = {}
+        for key, is_array, data in self.conn.execute(
+            "SELECT key, is_array, data FROM eval_stats WHERE eval_id = ?", (eval_id,)
+        ):
+            values = array("d")
+            values.frombytes(data)
+            values = _le(values)
+            out[key] = list(values) if is_array else values[0]
+        return out
 
     def _signal_id(self, c: sqlite3.Connection, name: str, meta: Any) -> int:
         version = int(getattr(meta, "version", 1))
@@ -684,6 +750,28 @@ class HistoryStore:
             )
             return int(cur.lastrowid)
 
+    def set_run_status(self, run_id: int, status: str, last_step: int | None = None) -> None:
+        """Record that this process is writing run_id ("running"), or how it ended."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}; got {status!r}")
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO run_state (run_id, status, pid, host, updated, last_step) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, status, os.getpid(), socket.gethostname(), time.time(), last_step),
+            )
+
+    def live_writers(self, name: str, exclude: int | None = None) -> list[dict[str, Any]]:
+        """Runs named `name` that another process is writing now ("running", its process alive)."""
+        return [
+            r
+            for r in self.runs()
+            if r["name"] == name
+            and r["run_id"] != exclude
+            and r["status"] == "running"
+            and r["pid"] != os.getpid()
+        ]
+
     def delete_empty_run(self, run_id: int) -> bool:
         """Remove a run that holds no evaluation and no alert (a setup that failed after creating it)."""
         with self.transaction() as c:
@@ -694,6 +782,8 @@ class HistoryStore:
             if used:
                 return False
             c.execute("DELETE FROM run_probes WHERE run_id = ?", (run_id,))
+            if self.version >= 3:
+                c.execute("DELETE FROM run_state WHERE run_id = ?", (run_id,))
             c.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
         self._positions.pop(run_id, None)
         return True
@@ -707,6 +797,8 @@ class HistoryStore:
             ]
             c.executemany("DELETE FROM results WHERE eval_id = ?", ((i,) for i in ids))
             c.executemany("DELETE FROM signal_values WHERE eval_id = ?", ((i,) for i in ids))
+            if self.version >= 3:
+                c.executemany("DELETE FROM eval_stats WHERE eval_id = ?", ((i,) for i in ids))
             c.execute("DELETE FROM evals WHERE run_id = ? AND step > ?", (run_id, step))
             c.execute("DELETE FROM alerts WHERE run_id = ? AND step > ?", (run_id, step))
             return len(ids)
@@ -715,8 +807,18 @@ class HistoryStore:
 
     @_reading
     def runs(self) -> list[dict[str, Any]]:
+        """Every run: id, name, created (Unix time), source, model, config, and its state: status (running,
+        finished, interrupted, failed, "stopped" for a run whose writing process is gone without a word, or None
+        when the history predates run states), pid, host, last_step."""
+        state = self.version >= 3
         rows = self.conn.execute(
-            "SELECT run_id, name, created, source, model, config FROM runs ORDER BY run_id"
+            "SELECT r.run_id, name, created, source, model, config"
+            + (
+                ", s.status, s.pid, s.host, s.last_step FROM runs r LEFT JOIN run_state s ON s.run_id = r.run_id"
+                if state
+                else ", NULL, NULL, NULL, NULL FROM runs r"
+            )
+            + " ORDER BY r.run_id"
         )
         return [
             {
@@ -726,6 +828,10 @@ class HistoryStore:
                 "source": r[3],
                 "model": r[4],
                 "config": json.loads(r[5] or "{}"),
+                "status": _alive_or_stopped(r[6], r[7], r[8]),
+                "pid": r[7],
+                "host": r[8],
+                "last_step": r[9],
             }
             for r in rows
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,12 @@ class RunData:
     wall_times: np.ndarray | None = None  # float [E]: when each evaluation ran (unix seconds)
     durations: np.ndarray | None = None  # float [E]: seconds each evaluation took (0 where unknown)
     signals: dict[str, np.ndarray] = field(default_factory=dict)  # other stored signals, float [E, N]
+    created: float | None = None  # when the run started (unix seconds)
+    status: str | None = None  # running, finished, interrupted, failed, stopped; None in older histories
+    history: str = ""  # the file it was read from
+    kept: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # per evaluation: group statistics kept as numbers
     _replayed: list[EvalRecord] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
@@ -84,6 +91,25 @@ class RunData:
             f"RunData(run {self.run_id} {self.name!r}, {self.source}, {len(self.steps)} evaluations, "
             f"{len(self.ids)} probes in {self.group_names()})"
         )
+
+    @property
+    def started(self) -> str:
+        """When the run started, local time to the second ("" when unknown)."""
+        if self.created is None:
+            return ""
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
+
+    def describe(self) -> str:
+        """The run in one line for report headers: source, start, size, and how it ended unless it finished."""
+        parts = [self.source]
+        if self.started:
+            parts.append(f"started {self.started}")
+        parts += [f"{len(self.steps)} evaluations", f"{len(self.ids)} probes"]
+        if self.status not in (None, "finished"):
+            parts.append(
+                f"{self.status.upper()}" + (" before training finished" if self.status != "running" else "")
+            )
+        return ", ".join(parts)
 
     @property
     def memorized_threshold(self) -> float:
@@ -162,6 +188,12 @@ class RunData:
                 label=self.labels[e],
                 result=result,
             )
+            # What the replay cannot recompute (GroupStat.kept), as the live monitor computed it.
+            for key, value in (self.kept[e] if e < len(self.kept) else {}).items():
+                if isinstance(value, list):
+                    record.arrays.setdefault(key, np.asarray(value, dtype=np.float64))
+                else:
+                    record.scalars.setdefault(key, float(value))
             yield e, record
 
     def replayed(self) -> list[EvalRecord]:
@@ -338,6 +370,15 @@ def scope_row(record: EvalRecord, key: str) -> dict[str, Any]:
             entry["n"] = row["buckets"].get(bucket, 0)
             entry["profile"] = [round(float(v), 6) for v in profile]
     row["boundary"] = {b: boundary[b] for b in BUCKET_NAMES if b in boundary}
+    # The n-gram profile across the boundary per bucket (the training data's counts; with MonitorConfig.ngrams).
+    head = f"{key}/{'' if record.mode == 'full' else 'tf_'}ngram_profile/"
+    profiles = {
+        name[len(head) :]: [round(float(v), 6) for v in profile]
+        for name, profile in record.arrays.items()
+        if name.startswith(head)
+    }
+    if profiles:
+        row["ngram_profile"] = {b: profiles[b] for b in BUCKET_NAMES if b in profiles}
     return row
 
 
@@ -460,6 +501,10 @@ class History:
             wall_times=np.array([ev["wall_time"] or 0.0 for ev in evals], dtype=np.float64),
             durations=np.array([ev["duration"] or 0.0 for ev in evals], dtype=np.float64),
             signals=signals,
+            created=info.get("created"),
+            history=self.path,
+            kept=[self.store.kept_stats(ev["eval_id"]) for ev in evals],
+            status=info.get("status"),
         )
 
     def all_runs(self) -> list[RunData]:
@@ -516,6 +561,8 @@ def report_dict(history: History) -> dict[str, Any]:
                 "name": r.name,
                 "source": r.source,
                 "model": r.model,
+                "started": r.started,
+                "status": r.status,
                 "evaluations": len(r.steps),
                 "probes": len(r.ids),
             }
