@@ -88,6 +88,10 @@ class MemWatch:
             return monitor.evaluate(model, step)
         return None
 
+    def observe_batch(self, input_ids: Any, attention_mask: Any = None) -> None:
+        """Streamed n-grams (MonitorConfig.ngrams="stream"): call with every micro-batch you train on, every rank."""
+        self.monitor.observe_batch(input_ids, attention_mask)
+
     def step(self, accelerator: Any, model: Any, step: int) -> EvalRecord | None:
         """Call after every optimizer step, on every rank."""
         try:

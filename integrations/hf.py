@@ -117,7 +117,11 @@ class MemWatchCallback(TrainerCallback):
         """Streamed n-grams: each micro-batch's input_ids (attention mask respected) reach the index as the
         Trainer trains on it, on every rank. training_step is shadowed on this Trainer object only (the class is
         untouched) and restored at train end; the batch itself is passed on unchanged."""
-        original = trainer.training_step
+        self._restore_training_step()  # a Trainer trained again (a failed train() never reached on_train_end)
+        before = vars(trainer).get("training_step")  # someone else's per-instance patch, kept and restored
+        while getattr(before, "__memwatch__", False):  # ours, left by a train() that raised: never wrap twice
+            before = before.__memwatch_before__
+        original = before if before is not None else trainer.training_step
         monitor = self.monitor
 
         def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -125,8 +129,23 @@ class MemWatchCallback(TrainerCallback):
                 monitor.observe_batch(inputs["input_ids"], inputs.get("attention_mask"))
             return original(model, inputs, *args, **kwargs)
 
+        training_step.__memwatch__ = True  # type: ignore[attr-defined]
+        training_step.__memwatch_before__ = before  # type: ignore[attr-defined]
         trainer.training_step = training_step
         self._shadowed = trainer
+
+    def _restore_training_step(self) -> None:
+        """The Trainer's training_step as found: the class's method, or the per-instance one that was there."""
+        trainer = getattr(self, "_shadowed", None)
+        self._shadowed = None
+        current = vars(trainer).get("training_step") if trainer is not None else None
+        if current is None or not getattr(current, "__memwatch__", False):
+            return
+        before = current.__memwatch_before__
+        if before is None:
+            del trainer.training_step
+        else:
+            trainer.training_step = before
 
     @staticmethod
     def _apply(record: Any, control: Any) -> None:
@@ -152,8 +171,5 @@ class MemWatchCallback(TrainerCallback):
         except Exception as exc:
             self.monitor.contain(exc, "at the end of training")
         self.monitor.print_closing(beside=getattr(args, "logging_dir", None) or args.output_dir)
-        trainer = getattr(self, "_shadowed", None)
-        if trainer is not None and "training_step" in vars(trainer):
-            del trainer.training_step  # the Trainer as found: its class's method again
-            self._shadowed = None
+        self._restore_training_step()  # the Trainer as found
         return control

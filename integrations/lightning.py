@@ -96,6 +96,11 @@ class MemWatchLightningCallback(Callback):
         if monitor.config.eval_on_start and trainer.global_step not in monitor.evaluated_steps:
             self._apply(trainer, monitor.evaluate(model, trainer.global_step))
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # Streamed n-grams (MonitorConfig.ngrams="stream"): every micro-batch the model trains on, on every rank.
+        if self.monitor.config.ngrams == "stream" and hasattr(batch, "get") and "input_ids" in batch:
+            self.monitor.observe_batch(batch["input_ids"], batch.get("attention_mask"))
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

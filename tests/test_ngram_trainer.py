@@ -89,3 +89,33 @@ def test_duplicated_windows_are_memorized_earlier_and_the_report_holds_the_ngram
     # ... over steps: a series, one value per evaluation.
     rho = [r["distributional_rho"] for r in report["evals"] if r["group"] == "train"]
     assert len(rho) == len(run.steps) and sum(v is not None for v in rho) >= len(rho) - 1
+
+
+def test_the_trainer_is_left_as_found_even_when_train_raises(tmp_path):
+    """Streaming shadows trainer.training_step on the Trainer object only; it is gone after training, and a train()
+    that raised (so on_train_end never ran) is never wrapped twice by the next one."""
+    from test_trainer import make_trainer as small_trainer
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        armed = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.armed and state.global_step == 3:
+                raise RuntimeError("user code failed")
+
+    boom = Boom()
+    cb = MemWatchCallback(
+        MonitorConfig(every_n_steps=5, prefix_len=K, suffix_len=M, console=False, ngrams="stream")
+    )
+    trainer = small_trainer(tmp_path, [cb, boom], steps=6)
+    with pytest.raises(RuntimeError, match="user code failed"):
+        trainer.train()
+    left = vars(trainer).get("training_step")
+    assert left is not None and left.__memwatch_before__ is None  # ours, around the class's method
+    boom.armed = False
+    seen = []
+    cb.monitor.observe_batch = lambda ids, mask=None: seen.append(1)  # count what reaches the monitor
+    trainer.train()
+    assert "training_step" not in vars(trainer)  # the class's method again
+    assert len(seen) == 6  # one observation per micro-batch: never wrapped twice

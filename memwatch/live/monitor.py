@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import logging
 import os
+import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -225,11 +226,11 @@ class Monitor:
                     raise SetupError(str(exc)) from exc
         except SetupError as exc:
             state = {"error": str(exc)}
-            self.close()  # nothing stays open behind a failed setup
+            self.close(status="failed")  # nothing stays open behind a failed setup
             raise
         except Exception as exc:
             state = {"error": f"memwatch could not start: {type(exc).__name__}: {exc}"}
-            self.close()
+            self.close(status="failed")
             raise
         finally:
             # Every rank learns the outcome, so no rank waits forever for a panel that will not come.
@@ -257,7 +258,7 @@ class Monitor:
                 error=SetupError,
             )
         except SetupError:
-            self.close()  # nothing stays open behind a failed setup
+            self.close(status="failed")  # nothing stays open behind a failed setup
             raise
         self.ready = True
 
@@ -364,6 +365,7 @@ class Monitor:
                 self._replay()
         except Exception:
             if new_run is not None and self.history is not None:  # no empty run left for every report to list
+                _OPEN.discard(self)  # and no state recorded for it
                 self.history.delete_empty_run(new_run)
             raise
         return {
@@ -378,7 +380,19 @@ class Monitor:
         another run of the same name being written is allowed, said, and kept apart in TensorBoard."""
         assert self.history is not None
         others = self.history.live_writers(self.run_name)
-        same = [r for r in others if r["run_id"] == self.run_id]
+        here = socket.gethostname()
+        # Refused only where the writer is seen alive (this host); another host's "running" may be a job that was
+        # killed there (preempted, then requeued here): said, and taken over.
+        same = [r for r in others if r["run_id"] == self.run_id and r["host"] == here]
+        for r in others:
+            if r["run_id"] == self.run_id and r["host"] != here:
+                log.warning(
+                    "memwatch: run %r is recorded as being written by process %s on %s, which cannot be checked "
+                    "from here; if that process still runs, the two will overwrite each other's evaluations",
+                    self.run_name,
+                    r["pid"],
+                    r["host"],
+                )
         if same:
             r = same[0]
             raise SetupError(

@@ -108,7 +108,7 @@ CREATE INDEX alerts_by_step ON alerts (run_id, step);
 # Whether a run is being written, finished or was cut short, and by which process: so a second writer of the same
 # run is told, an interrupted run is marked as such, and two runs of one name can be told apart.
 _RUN_STATE = """
-CREATE TABLE run_state (
+CREATE TABLE IF NOT EXISTS run_state (
     run_id    INTEGER PRIMARY KEY REFERENCES runs(run_id),
     status    TEXT NOT NULL,          -- running | finished | interrupted | failed
     pid       INTEGER,
@@ -122,7 +122,7 @@ RUN_STATUSES = ("running", "finished", "interrupted", "failed")
 # Group statistics a replay cannot recompute (GroupStat.kept: they need per-token products the results do not
 # hold), kept as numbers: key "<scope>/<stat>", a float64 little-endian blob (one value, or an array).
 _EVAL_STATS = """
-CREATE TABLE eval_stats (
+CREATE TABLE IF NOT EXISTS eval_stats (
     eval_id  INTEGER NOT NULL REFERENCES evals(eval_id),
     key      TEXT NOT NULL,
     is_array INTEGER NOT NULL,
@@ -167,13 +167,13 @@ class HistoryError(RuntimeError):
 
 def _alive_or_stopped(status: str | None, pid: int | None, host: str | None) -> str | None:
     """A "running" run whose process on this host is gone was killed before it could say so: "stopped"."""
-    if status != "running" or pid is None or host != socket.gethostname():
-        return status  # another host's process cannot be checked from here
+    if status != "running" or pid is None or host != socket.gethostname() or os.name == "nt":
+        return status  # another host's process cannot be checked from here (nor, safely, on Windows)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return "stopped"
-    except PermissionError:  # alive, another user's
+    except OSError:  # alive and another user's (PermissionError), or not ours to ask about: as recorded
         pass
     return status
 
