@@ -118,6 +118,9 @@ class MemWatch:
 
     # accelerator.register_for_checkpointing(watch) calls these
     def state_dict(self) -> dict[str, Any]:
+        # accelerator.save_state asks for it on every rank: the streamed n-gram index is written with the checkpoint.
+        if self.monitor.ready:
+            self.monitor.checkpoint(int(self.monitor.last_step or 0))
         return self.monitor.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

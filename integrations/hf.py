@@ -165,6 +165,10 @@ class MemWatchCallback(TrainerCallback):
             self.monitor.contain(exc, f"at step {state.global_step}")
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        self.monitor.checkpoint(state.global_step)  # the streamed n-gram index written with the checkpoint
+        return control
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         try:
             self.monitor.finish(model, state.global_step)

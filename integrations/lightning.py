@@ -130,6 +130,9 @@ class MemWatchLightningCallback(Callback):
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:
+        # Lightning asks for it (on every rank) while saving a checkpoint: the streamed n-gram index is written too.
+        if self.monitor.ready:
+            self.monitor.checkpoint(int(self.monitor.last_step or 0))
         # After setup the monitor's own state (it outlives closing at train end); before, what was restored.
         return (
             self.monitor.state_dict() if self.monitor.panel is not None else dict(self._pending_state or {})

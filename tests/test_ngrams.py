@@ -416,10 +416,19 @@ def _distributed_feed(rank: int, port: int, out: str, docs: list[list[int]], pan
             vocab_size=6, train_data=None, directory=os.path.join(out, "corpus"), run_name="r", progress=False
         )
         assert (feed.stream is not None) == (rank == 0)  # rank 0 alone holds the index
-        feed.observe(np.array(docs[rank::2]))
+        mine = docs[rank::2]
+        feed.observe(np.array(mine[:3]))
         feed.end_step(1)
-        products = feed.products(panel, 4, 4, step=1)
-        np.savez(os.path.join(out, f"rank{rank}.npz"), **{k: np.asarray(v) for k, v in products.items()})
+        feed.checkpoint(1)  # a checkpoint: every rank's batches so far written by rank 0 (collective)
+        sealed = feed.stream.tokens if feed.stream is not None else -1
+        feed.observe(np.array(mine[3:]))
+        feed.end_step(2)
+        products = feed.products(panel, 4, 4, step=2)
+        np.savez(
+            os.path.join(out, f"rank{rank}.npz"),
+            sealed=sealed,
+            **{k: np.asarray(v) for k, v in products.items()},
+        )
     finally:
         dist.destroy_process_group()
 
@@ -442,3 +451,54 @@ def test_under_distributed_training_rank_0_indexes_every_rank_s_batches(tmp_path
     want = [brute_count(docs, row) for row in panel.tolist()]  # both ranks' batches were counted
     np.testing.assert_array_equal(got[0]["ngram_window_count"], want)
     assert int(got[0]["ngram_tokens"]) == sum(len(d) + 1 for d in docs)
+    assert int(got[0]["sealed"]) == sum(len(d) + 1 for d in docs[0:6:2] + docs[1:6:2])  # both ranks' first 3
+
+
+def _stream_feed(directory, start_step: int = 0):
+    from memwatch.corpus import NgramFeed
+    from memwatch.live import distributed
+
+    feed = NgramFeed("stream", comm=distributed)
+    feed.setup(
+        vocab_size=5,
+        train_data=None,
+        directory=directory,
+        run_name="r",
+        start_step=start_step,
+        progress=False,
+    )
+    return feed
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_checkpoint_writes_the_streamed_batches_so_a_resume_counts_each_once(tmp_path, saved):
+    """Batches still in memory when a checkpoint is saved are written with it: a crash after the checkpoint and a
+    resume from it count every batch up to the checkpoint once (without the write, those batches were lost)."""
+    docs = random_docs(8, 12, alphabet=4)
+    feed = _stream_feed(tmp_path)
+    for step, d in enumerate(docs, 1):
+        feed.observe(np.array([d]))
+        feed.end_step(step)  # far below a shard's size: nothing is sealed on its own
+        if step == 5 and saved:
+            feed.checkpoint(5)
+    # the process is killed here: steps 6-8 were never written, and resume from checkpoint 5 sees them again
+    resumed = _stream_feed(tmp_path, start_step=5)
+    index = resumed.stream.index
+    for q in ([0, 1], [2, 3, 1], [1], docs[4][:6]):
+        assert index.count(q) == brute_count(docs[:5] if saved else [], q)
+    feed.close()
+    resumed.close()
+
+
+def test_a_stream_that_never_sees_a_batch_says_so_and_switches_off(tmp_path, caplog):
+    panel = np.array([[1, 2, 3, 4, 1, 2, 3, 4]])
+    feed = _stream_feed(tmp_path)
+    at_start = feed.products(
+        panel, 4, 4, step=0
+    )  # the baseline: nothing trained on yet, zero counts are right
+    assert at_start and int(np.asarray(at_start["ngram_window_count"])[0]) == 0
+    with caplog.at_level("WARNING", logger="memwatch"):
+        assert feed.products(panel, 4, 4, step=10) == {}
+    assert not feed.on and "no training batch has been observed" in caplog.text
+    assert "observe_batch" in caplog.text  # the fix is named
+    feed.close()

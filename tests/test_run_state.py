@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -192,3 +193,25 @@ def test_ctrl_c_in_the_demo_says_what_happened_and_a_rerun_starts_over(tmp_path,
     assert main(["demo", "--steps", "10", "--out", str(mine)]) == 2
     assert "holds files the demo did not write" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_claiming_a_run_is_one_check_and_mark(tmp_path):
+    """Two processes resuming one run at once: the check for a live writer and the "running" mark are one
+    transaction, so the second claim sees the first (here: a live process on this host, our parent) and is refused;
+    a writer that is gone leaves the run to be claimed."""
+    from memwatch.store.history import HistoryStore
+
+    path = str(tmp_path / "h.sqlite")
+    with HistoryStore(path) as store:
+        run = store.add_run("r", source="live", model="m", config={})
+        assert store.claim_run(run) is None  # ours now
+        assert store.runs()[0]["status"] == "running" and store.runs()[0]["pid"] == os.getpid()
+        store.conn.execute("UPDATE run_state SET pid = ? WHERE run_id = ?", (os.getppid(), run))
+        store.conn.commit()
+        assert store.claim_run(run) == {"run_id": run, "pid": os.getppid(), "host": socket.gethostname()}
+        assert store.runs()[0]["pid"] == os.getppid()  # refused: nothing written
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        store.conn.execute("UPDATE run_state SET pid = ? WHERE run_id = ?", (gone.pid, run))
+        store.conn.commit()
+        assert store.claim_run(run) is None and store.runs()[0]["pid"] == os.getpid()

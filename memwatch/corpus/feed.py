@@ -58,6 +58,9 @@ class NgramFeed:
         self._early: list[np.ndarray] = []  # documents observed before setup told the vocabulary
         self._documents = 0  # documents laid out here (numbers their separators)
         self._cache: tuple[Any, dict[str, Any]] | None = None
+        self._group: Any = None  # the host-side process group with a long timeout (distributed only)
+        self._start_step = 0
+        self._received = 0  # tokens rank 0 took into the stream since setup, from every rank
 
     @property
     def on(self) -> bool:
@@ -92,6 +95,10 @@ class NgramFeed:
             )
         self.vocab = Vocabulary(int(vocab_size))
         self.directory = Path(directory)
+        self._start_step = int(start_step)
+        if self.comm.is_distributed():
+            # Rank 0 may index a whole training set here while the others wait: a group that waits long enough.
+            self._group = self.comm.host_group()
         early, self._early = self._early, []
         if self.mode == "stream":
             self._add(early)
@@ -113,7 +120,7 @@ class NgramFeed:
                         "memwatch: the n-gram index could not be opened; n-gram signals are off", exc_info=exc
                     )
                     outcome = {"failed": f"{type(exc).__name__}: {exc}"}
-        outcome = self.comm.broadcast(outcome)
+        outcome = self.comm.broadcast(outcome, group=self._group)
         if "refused" in outcome:
             self.close()
             raise error(outcome["refused"])
@@ -230,10 +237,51 @@ class NgramFeed:
         try:
             self._arrived()
             if self.stream is not None:
-                self.stream.add_flat(self._pending())
+                self._received += self.stream.add_flat(self._pending())
                 self.stream.maybe_seal(step)
         except Exception as exc:
             self._fail(exc, "indexing the batches")
+
+    def checkpoint(self, step: int) -> None:
+        """A checkpoint of optimizer step `step` is being saved (mode "stream"): every batch seen so far is written
+        and indexed now, so a run resumed from this checkpoint counts each batch exactly once (what was still in
+        memory would otherwise be lost with a crash after it). Under torch.distributed every rank calls it."""
+        if self.mode != "stream" or self.failed is not None:
+            return
+        gathered, errors = self._gather()
+        if not self.comm.is_main_process() or self._error is not None or errors:
+            return  # a failure is told to every rank at the next evaluation
+        try:
+            self._take(gathered)
+            assert self.stream is not None
+            self.stream.seal(step)
+        except Exception as exc:
+            self._fail(exc, "indexing the batches")
+
+    def _gather(self) -> tuple[list[np.ndarray] | None, list[str]]:
+        """Under torch.distributed, every rank's pending batches (with separators) and failures, on every rank;
+        (None, []) in one process. Every rank joins, failed or not."""
+        if not self.comm.is_distributed():
+            return None, []
+        local = np.zeros(0, np.uint32)
+        if self._error is None:
+            try:
+                self._arrived()
+                local = self._pending()
+            except Exception as exc:
+                self._fail(exc, "indexing the batches")
+        gathered = self.comm.all_gather((local, self._error), group=self._group)
+        return [flat for flat, _ in gathered], [e for _, e in gathered if e is not None]
+
+    def _take(self, gathered: list[np.ndarray] | None) -> None:
+        """Rank 0: what every rank (or this process) observed, into the stream."""
+        assert self.stream is not None
+        if gathered is not None:
+            for flat in gathered:
+                self._received += self.stream.add_flat(flat)
+        else:
+            self._arrived()
+            self._received += self.stream.add_flat(self._pending())
 
     # --- products -----------------------------------------------------------------------------------------------
 
@@ -244,25 +292,14 @@ class NgramFeed:
         if self.mode == "off" or self.failed is not None:  # agreed by every rank: no collective to join
             return {}
         distributed = self.comm.is_distributed()
-        gathered: list[Any] | None = None
-        if self.mode == "stream" and distributed:
-            local = np.zeros(0, np.uint32)
-            if self._error is None:
-                try:
-                    self._arrived()
-                    local = self._pending()
-                except Exception as exc:
-                    self._fail(exc, "indexing the batches")
-            gathered = self.comm.all_gather((local, self._error))  # every rank joins, failed or not
+        gathered, errors = self._gather() if self.mode == "stream" else (None, [])
         payload: dict[str, Any] | None = None
         if self.comm.is_main_process():
-            errors = [e for _, e in gathered or [] if e is not None]
             if self._error is not None or errors:
                 payload = {"off": self._error or errors[0]}
             else:
                 try:
-                    flats = None if gathered is None else [flat for flat, _ in gathered]
-                    payload = self._compute(tokens, k, m, step, flats)
+                    payload = self._compute(tokens, k, m, step, gathered)
                 except Exception as exc:
                     if self.strict:
                         payload = {"raise": f"{type(exc).__name__}: {exc}"}
@@ -270,7 +307,7 @@ class NgramFeed:
                         log.error("memwatch: counting n-grams failed; n-gram signals are off", exc_info=exc)
                         payload = {"off": f"{type(exc).__name__}: {exc}"}
         if distributed:
-            payload = self.comm.broadcast(payload)
+            payload = self.comm.broadcast(payload, group=self._group)
         assert payload is not None
         if "raise" in payload:
             raise RuntimeError(f"memwatch: counting n-grams failed on rank 0: {payload['raise']}")
@@ -284,12 +321,17 @@ class NgramFeed:
         self, tokens: np.ndarray, k: int, m: int, step: int, gathered: list[np.ndarray] | None
     ) -> dict:
         if self.stream is not None:
-            if gathered is not None:
-                for flat in gathered:
-                    self.stream.add_flat(flat)
-            else:
-                self._arrived()
-                self.stream.add_flat(self._pending())
+            self._take(gathered)
+            if step > self._start_step and not self._received:
+                # Steps have passed and not one batch reached the index: counts "seen so far" would read zero
+                # for everything, which is wrong, not merely empty.
+                log.warning(
+                    "memwatch: ngrams='stream' but no training batch has been observed by step %d (the batches hold "
+                    "no input_ids, or your loop does not call monitor.observe_batch(input_ids, attention_mask) per "
+                    "micro-batch); the n-gram signals are off. Call observe_batch, or set ngrams='dataset'.",
+                    step,
+                )
+                return {"off": "no training batch observed"}
             self.stream.seal(step)
             source: NgramSource = self.stream.index
         else:

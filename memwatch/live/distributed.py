@@ -11,6 +11,7 @@ __all__ = [
     "Sync",
     "all_gather",
     "broadcast",
+    "host_group",
     "is_distributed",
     "is_main_process",
     "needs_synced_forward",
@@ -65,24 +66,44 @@ def shard(n: int, world: int, r: int) -> tuple[np.ndarray, int]:
     return idx, real
 
 
-def broadcast(obj: Any, src: int = 0) -> Any:
+def broadcast(obj: Any, src: int = 0, group: Any = None) -> Any:
     """Rank src's object on every rank (identity without torch.distributed)."""
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def all_gather(obj: Any) -> list[Any]:
+def all_gather(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's object on every rank, in rank order ([obj] without torch.distributed)."""
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+# Long host-side work on rank 0 (indexing a training set before the first step) would outlast the default group's
+# timeout (10 minutes under NCCL) while the other ranks wait; objects sent over NCCL also pass through GPU memory.
+LONG_TIMEOUT_S = 6 * 3600
+
+
+def host_group() -> Any:
+    """A gloo process group with a long timeout for objects that live on the host (the n-gram index's batches and
+    counts); None without torch.distributed, or where gloo is missing (the default group then). Collective: every
+    rank calls it, at the same point."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return None
+    import datetime
+
+    try:
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=LONG_TIMEOUT_S))
+    except Exception:  # a build without gloo: the default group still works, with its own timeout
+        return None
 
 
 def needs_synced_forward(model: Any) -> bool:

@@ -357,7 +357,9 @@ class Monitor:
             self.history.add_probes(
                 self.run_id, [(p.id, p.tokens, p.group, p.meta) for p in self.panel.probes]
             )
-            self.history.set_run_status(self.run_id, "running")
+            holder = self.history.claim_run(self.run_id)  # checked and marked at once: no race with a twin
+            if holder is not None:
+                raise self._second_writer(holder)
             _OPEN.add(self)  # from here on this process writes the run, and says how it ended
         try:
             self._open_reporters(start_step if resume and source == "live" else 0)
@@ -394,12 +396,7 @@ class Monitor:
                     r["host"],
                 )
         if same:
-            r = same[0]
-            raise SetupError(
-                f"run {self.run_name!r} (run {r['run_id']}) in {self.history.path} is being written right now by "
-                f"process {r['pid']} on {r['host']}: two writers of one run would overwrite each other. Wait for it "
-                "to finish, or give this run another run_name or output_dir."
-            )
+            raise self._second_writer(same[0])
         if others and source == "live":
             r = others[-1]
             log.warning(
@@ -412,6 +409,14 @@ class Monitor:
                 self.history.path,
             )
         return others
+
+    def _second_writer(self, writer: Mapping[str, Any]) -> SetupError:
+        assert self.history is not None
+        return SetupError(
+            f"run {self.run_name!r} (run {writer['run_id']}) in {self.history.path} is being written right now by "
+            f"process {writer['pid']} on {writer['host']}: two writers of one run would overwrite each other. Wait "
+            "for it to finish, or give this run another run_name or output_dir."
+        )
 
     def _replay(self) -> None:
         """Rebuild per-probe and alert state from the evaluations already in the history (a resumed run)."""
@@ -522,6 +527,17 @@ class Monitor:
         if not self.disabled:
             self.ngram_feed.observe(input_ids, attention_mask)
 
+    def checkpoint(self, step: int) -> None:
+        """A training checkpoint of optimizer step `step` is being saved: the streamed n-gram index writes what it
+        holds in memory, so a run resumed from that checkpoint counts every batch once. Call it on every rank (the
+        integrations do, when the framework saves). Never raises (unless strict)."""
+        if self.disabled:
+            return
+        try:
+            self.ngram_feed.checkpoint(step)
+        except Exception as exc:
+            self.contain(exc, f"saving the n-gram index at step {step}")
+
     def recorded_steps(self) -> set[int]:
         """Steps this run already holds in the history with the current spec (a scan skips them)."""
         if self.history is None or self.run_id is None:
@@ -581,7 +597,7 @@ class Monitor:
                     **self.ngram_feed.products(self._tokens, cfg.prefix_len, cfg.suffix_len, step),
                 },
                 tracker=self.tracker,
-                settings=cfg.definitions(),
+                settings={**cfg.definitions(), "sweep": cfg.sweep()},
                 pairs=cfg.pairs,
                 overrides=cfg.signals,
                 label=label,

@@ -761,6 +761,26 @@ class HistoryStore:
                 (run_id, status, os.getpid(), socket.gethostname(), time.time(), last_step),
             )
 
+    def claim_run(self, run_id: int) -> dict[str, Any] | None:
+        """Mark run_id as written by this process ("running") unless another live process on this host writes it;
+        the check and the mark are one transaction, so of two processes resuming one run at once exactly one gets
+        it. Returns None when claimed, else the writer that holds it (pid, host)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, pid, host FROM run_state WHERE run_id = ?", (run_id,)).fetchone()
+            if (
+                row is not None
+                and row[1] != os.getpid()
+                and row[2] == socket.gethostname()
+                and _alive_or_stopped(row[0], row[1], row[2]) == "running"
+            ):
+                return {"run_id": run_id, "pid": row[1], "host": row[2]}
+            c.execute(
+                "INSERT OR REPLACE INTO run_state (run_id, status, pid, host, updated, last_step) "
+                "VALUES (?, 'running', ?, ?, ?, NULL)",
+                (run_id, os.getpid(), socket.gethostname(), time.time()),
+            )
+        return None
+
     def live_writers(self, name: str, exclude: int | None = None) -> list[dict[str, Any]]:
         """Runs named `name` that another process is writing now ("running", its process alive)."""
         return [
