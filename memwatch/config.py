@@ -291,6 +291,14 @@ class MonitorConfig:
     # Off by default: it needs the optional package tokengrams (pip install 'memwatch[ngrams]'), about 10 bytes of
     # disk a training token, and time at setup ("dataset") or at each evaluation ("stream").
     ngrams: str = "off"
+    # Chen et al.'s context and continuation sweep, live: the exact-extraction rate at each prefix length k <=
+    # prefix_len and continuation length m <= suffix_len (the continuation always starts at token prefix_len, so
+    # every cell scores the same tokens), per group at every evaluation (sweep_rate/k<k>_m<m>). Each k below
+    # prefix_len costs one teacher-forced pass (no decoding: greedy reproduces the true tokens exactly as long as
+    # each argmax does); m is free (exact at m iff the prefix match is at least m). Empty: prefix_len / suffix_len
+    # alone; both empty: no sweep. A sweep past the configured lengths: memwatch sweep on saved checkpoints.
+    sweep_prefix_lens: tuple[int, ...] = ()
+    sweep_suffix_lens: tuple[int, ...] = ()
 
     # --- the panel (DESIGN.md §5) ---
     train_probes: int = 512  # enough for a rate to move in steps of 0.2%, small enough to be cheap
@@ -370,6 +378,18 @@ class MonitorConfig:
         _check_fraction("min_k", self.min_k)
         _check_signals(self.signals)
         _check_ngrams(self)
+        for name, most in (("sweep_prefix_lens", self.prefix_len), ("sweep_suffix_lens", self.suffix_len)):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, tuple)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= most for v in value)
+                or len(set(value)) != len(value)
+            ):
+                raise ConfigError(
+                    f"MonitorConfig.{name} must be a tuple of distinct lengths from 1 to "
+                    f"{'prefix_len' if name.startswith('sweep_prefix') else 'suffix_len'} = {most} (raise that to "
+                    f"sweep further, or sweep saved checkpoints with `memwatch sweep`); got {value!r}"
+                )
         if not isinstance(self.pairs, tuple) or not all(
             isinstance(p, tuple) and len(p) == 2 and all(isinstance(g, str) and g for g in p) and p[0] != p[1]
             for p in self.pairs
@@ -440,6 +460,15 @@ class MonitorConfig:
         "reference",
         "ngrams",  # a duplicate count of the whole dataset and one "seen so far" are different numbers
     )
+
+    def sweep(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The live sweep's prefix and continuation lengths, ascending; ((), ()) when off."""
+        if not self.sweep_prefix_lens and not self.sweep_suffix_lens:
+            return (), ()
+        return (
+            tuple(sorted(self.sweep_prefix_lens or (self.prefix_len,))),
+            tuple(sorted(self.sweep_suffix_lens or (self.suffix_len,))),
+        )
 
     def definitions(self) -> dict[str, Any]:
         """The fields that define the run's numbers (see DEFINITIONS)."""

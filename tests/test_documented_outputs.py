@@ -55,6 +55,10 @@ def full_run(tmp_path_factory):
                 "lid": True
             },  # off by default (an optional package): on here, so its tags are written too
             ngrams="stream",  # the n-gram index's tags too, from the batches the Trainer trains on
+            sweep_prefix_lens=(
+                K // 2,
+                K,
+            ),  # and the live sweep's (one teacher-forced pass more per evaluation)
             alerts=AlertConfig(exposure_bits=3.0, extraction_rate={"canary": 0.2}),
         )
         cb = MemWatchCallback(cfg, canaries=manifest, heldout=held)

@@ -208,3 +208,57 @@ def test_short_probes_are_dropped_and_counted(family, tmp_path, capsys):
     )
     assert "no probe has" in capsys.readouterr().err
     assert format_parameters(70_426_624) == "70.4M" and format_parameters(999) == "999"
+
+
+def test_the_live_monitor_sweeps_k_and_m_at_one_pass_per_shorter_k(family, tmp_path, monkeypatch):
+    """MonitorConfig.sweep_prefix_lens / sweep_suffix_lens: every (k, m) rate at each evaluation, equal to Hugging
+    Face generate from the last k prefix tokens, one extra teacher-forced pass per k below prefix_len, and in the
+    history's JSON report."""
+    from _models import generate_row
+
+    models, _dirs, probes, _ = family
+    model = models["large"]
+    cfg = memwatch.MonitorConfig(
+        prefix_len=K, suffix_len=M, sweep_prefix_lens=KS, sweep_suffix_lens=MS, console=False,
+        tensorboard=False, reference=None, embedding_every=None, train_probes=0, heldout_probes=0,
+    )  # fmt: skip
+    monitor = memwatch.Monitor(cfg, probes=probes.tolist())
+    monitor.setup(model, output_dir=tmp_path)
+    calls = []
+    real_extract = engine.extract
+
+    def counting_extract(model, sequences, **kw):  # the real engine, counted
+        calls.append((kw["prefix_len"], kw["suffix_len"], kw["mode"]))
+        return real_extract(model, sequences, **kw)
+
+    monkeypatch.setattr(engine, "extract", counting_extract)
+    try:
+        record = monitor.evaluate(model, 0)
+    finally:
+        monkeypatch.undo()
+        monitor.close()
+    assert calls == [(K, M, "full"), (4, M, "exact"), (8, M, "exact")]  # k = K is the extraction's own
+    group = str(record.groups[0])
+    seen = set()
+    for k in KS:
+        generated = torch.stack(
+            [generate_row(model, probes[i : i + 1, K - k : K], M)[0] for i in range(len(probes))]
+        )
+        for m in MS:
+            exact = (generated[:, :m] == probes[:, K : K + m]).all(dim=1).numpy()
+            assert record.scalars[f"{group}/sweep_rate/k{k}_m{m}"] == pytest.approx(exact.mean()), (k, m)
+            seen.add(float(exact.mean()))
+    assert len(seen) > 2  # the cells differ: the comparison is not of constants
+    out = tmp_path / "report.json"
+    assert main(["report", str(tmp_path), "--format", "json", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["evals"][0]
+    assert row["sweep_rate/k4_m12"] == pytest.approx(record.scalars[f"{group}/sweep_rate/k4_m12"])
+
+
+def test_a_live_sweep_past_the_configured_lengths_is_refused_with_the_fix():
+    with pytest.raises(memwatch.ConfigError, match="raise that to sweep further"):
+        memwatch.MonitorConfig(prefix_len=8, sweep_prefix_lens=(4, 16))
+    assert memwatch.MonitorConfig(prefix_len=8, suffix_len=8, sweep_suffix_lens=(2, 4)).sweep() == (
+        (8,),
+        (2, 4),
+    )

@@ -102,11 +102,47 @@ class Measure:
                 local=sync is None,
             )
 
+        sweep_ks, _ = cfg.sweep()
+
+        def sweep(rows: np.ndarray, sync: Any, result: Any) -> dict[str, np.ndarray]:
+            """The live sweep's prefix match per prefix length ([N, len(ks)] over `rows`): k = prefix_len is the
+            extraction's own; each shorter k is one teacher-forced pass on the last k prefix tokens, the
+            continuation starting where the extraction's does."""
+            if not sweep_ks:
+                return {}
+            k0, m = cfg.prefix_len, cfg.suffix_len
+            columns = []
+            for k in sweep_ks:
+                if k == k0:
+                    columns.append(np.asarray(result.prefix_match_len, dtype=np.int64))
+                    continue
+                window = tokens[rows][:, k0 - k : k0 + m]  # [n, k + m]
+                part = self._backoff(
+                    model,
+                    len(rows),
+                    0,
+                    lambda bs, window=window, k=k: engine_extract(
+                        model,
+                        window,
+                        prefix_len=k,
+                        suffix_len=m,
+                        entropy_window=0,
+                        batch_size=bs,
+                        mode="exact",
+                        amp_dtype=self.amp_dtype,
+                        sync=sync,
+                    ),
+                    "sweep",
+                    local=sync is None,
+                )
+                columns.append(np.asarray(part.prefix_match_len, dtype=np.int64))
+            return {"sweep_prefix_match_len": np.stack(columns, axis=1)}
+
         world = distributed.world_size() if distributed.is_distributed() else 1
         if world == 1:
             everything = np.arange(len(tokens))
             result = extract(everything, None)
-            return result, expose(everything, None)
+            return result, {**expose(everything, None), **sweep(everything, None, result)}
         rank = distributed.rank()
         idx, real = distributed.shard(len(tokens), world, rank)
         sync = None
@@ -119,7 +155,7 @@ class Measure:
             error: Exception | None = None
             try:
                 part = extract(idx, sync)
-                exp = expose(idx, sync)
+                exp = {**expose(idx, sync), **sweep(idx, sync, part)}
                 payload = (part.select(slice(0, real)), {k: v[:real] for k, v in exp.items()})
             except Exception as exc:  # this rank still joins the gather, so no rank is left waiting
                 error = exc

@@ -5,6 +5,7 @@
 from memwatch.signals import extraction, buckets, events, entropy, exposure  # noqa: F401 - registers them
 from memwatch.signals import membership, reference, geometry, kinds  # noqa: F401 - registers them
 from memwatch.signals import ngrams  # noqa: F401 - registers them (on with MonitorConfig.ngrams)
+from memwatch.signals import sweep  # noqa: F401 - registers it (on with MonitorConfig.sweep_prefix_lens / _suffix_lens)
 
 # isort: on
 from memwatch.signals.registry import (
