@@ -502,7 +502,7 @@ def _numeric(cells: Sequence[Any]) -> bool:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str) -> str:
     """An HTML table: numeric columns right-aligned (digits line up), text columns left-aligned. The table names
-    its text columns by class (l2: the 2nd), styled by _left_rules, so the cells stay bare <td>s."""
+    its text columns by class (l2: the 2nd), styled by _style, so the cells stay bare <td>s."""
     left = [i + 1 for i in range(len(headers)) if not _numeric([r[i] for r in rows])]
     cls = f' class="{" ".join(f"l{i}" for i in left)}"' if left else ""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
@@ -513,12 +513,44 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str) 
     )
 
 
-def _left_rules(page: str) -> str:
-    """CSS aligning left the text columns the page's tables name (class l<i>: column i)."""
+# The report's CSS, rule by rule (selector, declarations), so that a fragment can limit every rule to itself.
+_CSS = (
+    ("body", "font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px"),
+    ("h1", "font-size:22px"),
+    ("h2", "font-size:18px;margin-top:32px;border-bottom:1px solid #ddd"),
+    ("table", "border-collapse:collapse;margin:14px 0"),
+    ("caption", "text-align:left;font-weight:600;padding:4px 0"),
+    ("th,td", "border:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:top"),
+    ("th", "background:#f4f4f4"),
+    (".charts", "display:flex;flex-wrap:wrap;gap:8px"),
+    ("figure", "margin:0"),
+    ("figcaption.n", "font-size:12px;color:#555;max-width:560px"),
+    (".t", "font-weight:600;font-size:13px"),
+    (".a", "font-size:11px;fill:#444"),
+    (".g", "stroke:#e6e6e6"),
+    (".k", "stroke:#999"),
+    (".kd", "stroke:#444;stroke-width:2;stroke-dasharray:6 4"),
+    (".v", "stroke:#333;stroke-dasharray:4 3"),
+)
+# The class of a fragment's outer element (html_fragment): its CSS applies inside it only.
+_SCOPE = "memwatch-report"
+
+
+def _style(page: str, scope: str = "") -> str:
+    """The report's CSS for `page`: the rules above, then the left alignment of the text columns its tables name
+    (class l<i>: column i). With a scope (a class), every rule is limited to the elements inside it, and the page's
+    body is left alone: a fragment shown inside another page (a notebook) restyles nothing of that page."""
     used = sorted(
         {int(i) for c in re.findall(r'<table class="([^"]*)"', page) for i in re.findall(r"\bl(\d+)", c)}
     )
-    return "".join(f"table.l{i} tr>:nth-child({i}){{text-align:left}}" for i in used)
+    rules = [*_CSS, *((f"table.l{i} tr>:nth-child({i})", "text-align:left") for i in used)]
+    if scope:
+        rules = [
+            (",".join(f".{scope} {part}" for part in selector.split(",")), css)
+            for selector, css in rules
+            if selector != "body"
+        ]
+    return "".join(f"{selector}{{{css}}}" for selector, css in rules)
 
 
 def _rich_columns(table: Any) -> tuple[list[str], list[list[str]]]:
@@ -527,154 +559,152 @@ def _rich_columns(table: Any) -> tuple[list[str], list[list[str]]]:
     return [str(col.header) for col in table.columns], [list(r) for r in zip(*columns, strict=True)]
 
 
-def render_html(history: History, *, from_step: int | None = None, to_step: int | None = None) -> str:
-    """One self-contained HTML file (inline CSS and SVG; no scripts, no external requests)."""
+def run_html(run: RunData, *, from_step: int | None = None, to_step: int | None = None) -> str:
+    """One run's section of the HTML report (its heading, charts and tables, its alerts): what `memwatch report
+    --format html` shows for the run, and what a notebook shows for it (RunData._repr_html_). The CSS is the
+    container's: render_html's page, or html_fragment's."""
     from memwatch.reporters.console import tier_table
 
-    sections = []
-    alerts = history.store.alerts()
-    for run in history.all_runs():
-        s = [
-            f"<h2>Run {run.run_id}: {html.escape(run.name)} <small>({html.escape(run.describe())})</small></h2>"
-        ]
-        if not len(run.steps):
-            sections.append("".join(s) + "<p>No evaluations yet.</p>")
-            continue
-        series = run.group_series()
-        groups = run.group_names()
-        steps = run.steps.tolist()
-        by = {(r["step"], r["group"]): r for r in series}
-        s.append('<div class="charts">')
-        for stat, title in (
-            ("extraction_rate", "extraction rate by group"),
-            ("mean_match_ratio", "mean match ratio by group"),
-        ):
-            s.append(
-                _svg_lines(
-                    [
-                        _Line(
-                            g,
-                            steps,
-                            [by[(st, g)][stat] if (st, g) in by else None for st in steps],
-                            _COLORS[j % len(_COLORS)],
-                        )
-                        for j, g in enumerate(groups)
-                    ],
-                    title,
-                    "step",
-                    percent=True,
-                )
-            )
-        b = _pick(run, to_step, len(steps) - 1)
-        a = _pick(run, from_step, 0)
-        profiles = run.entropy_profiles(b)
-        w = run.entropy_window
-        for g, per in profiles.items():
-            s.append(
-                _svg_lines(
-                    [
-                        _Line(
-                            name,
-                            list(range(-w, len(e["profile"]) - w)),
-                            e["profile"],
-                            _BUCKET_COLORS.get(name, _COLORS[j % len(_COLORS)]),
-                        )
-                        for j, (name, e) in enumerate(per.items())
-                    ],
-                    f"{g}: entropy profile at step {steps[b]} (nats)",
-                    "position vs boundary",
-                    vline=-0.5,
-                )
-            )
-        tier_rows = run.tiers()
-        if tier_rows:
-            s.append(_exposure_chart(run, tier_rows))
-        s.append("</div>")
-        headers, rows = group_table(run)
-        s.append(_table(headers, rows, "Groups over steps"))
-        headers, rows = contrast_table(run)
-        if rows:
-            s.append(
-                _table(headers, rows, "Membership: members against their control, at the last evaluation")
-            )
-        for tr in run.transitions(a, b):
-            m = np.array(tr["matrix"])
-            if m.sum():
-                s.append(
-                    _table(
-                        ["from \\ to", *BUCKET_NAMES],
-                        [[name, *m[i].tolist()] for i, name in enumerate(BUCKET_NAMES)],
-                        f"{tr['group']}: transitions, step {tr['from_step']} → {tr['to_step']}",
+    s = [f"<h2>Run {run.run_id}: {html.escape(run.name)} <small>({html.escape(run.describe())})</small></h2>"]
+    if not len(run.steps):
+        return "".join(s) + "<p>No evaluations yet.</p>"
+    series = run.group_series()
+    groups = run.group_names()
+    steps = run.steps.tolist()
+    by = {(r["step"], r["group"]): r for r in series}
+    s.append('<div class="charts">')
+    for stat, title in (
+        ("extraction_rate", "extraction rate by group"),
+        ("mean_match_ratio", "mean match ratio by group"),
+    ):
+        s.append(
+            _svg_lines(
+                [
+                    _Line(
+                        g,
+                        steps,
+                        [by[(st, g)][stat] if (st, g) in by else None for st in steps],
+                        _COLORS[j % len(_COLORS)],
                     )
-                )
-        if tier_rows:
-            # The text report's dose-response table (reporters.console.tier_table), every step's rows, with a step
-            # column in front: its columns and formats, the match column included, come from one place.
-            headers, rows = _rich_columns(tier_table(tier_rows))
-            s.append(
-                _table(
-                    ["step", *headers],
-                    [[str(r["step"]), *row] for r, row in zip(tier_rows, rows, strict=True)],
-                    "Canaries: dose-response",
-                )
-            )
-        timelines = [p for p in run.timelines() if p["first_memorized_step"] is not None]
-        s.append(
-            _table(
-                ["probe", "group", "tier", "first memorized", "forgotten at", "re-memorized at", "at end"],
-                [
-                    [
-                        _probe_name(p),
-                        p["group"],
-                        p.get("repetitions", ""),
-                        p["first_memorized_step"],
-                        ", ".join(map(str, p["forgotten_steps"])) or "-",
-                        ", ".join(map(str, p["rememorized_steps"])) or "-",
-                        "yes" if p["memorized_at_end"] else "no",
-                    ]
-                    for p in timelines
+                    for j, g in enumerate(groups)
                 ],
-                f"Probe timelines ({len(timelines)} ever memorized)",
+                title,
+                "step",
+                percent=True,
             )
         )
+    b = _pick(run, to_step, len(steps) - 1)
+    a = _pick(run, from_step, 0)
+    profiles = run.entropy_profiles(b)
+    w = run.entropy_window
+    for g, per in profiles.items():
         s.append(
-            _table(
-                ["group", "bucket", "n", "before", "after", "jump"],
+            _svg_lines(
                 [
-                    [g, bucket, e["n"], _f(e["pre"], ".2f"), _f(e["post"], ".2f"), _f(e["jump"], "+.2f")]
-                    for g, per in profiles.items()
-                    for bucket, e in per.items()
+                    _Line(
+                        name,
+                        list(range(-w, len(e["profile"]) - w)),
+                        e["profile"],
+                        _BUCKET_COLORS.get(name, _COLORS[j % len(_COLORS)]),
+                    )
+                    for j, (name, e) in enumerate(per.items())
                 ],
-                f"Entropy across the boundary at step {steps[b]}",
+                f"{g}: entropy profile at step {steps[b]} (nats)",
+                "position vs boundary",
+                vline=-0.5,
             )
         )
-        run_alerts = [x for x in alerts if x["run_id"] == run.run_id]
-        if run_alerts:
+    tier_rows = run.tiers()
+    if tier_rows:
+        s.append(_exposure_chart(run, tier_rows))
+    s.append("</div>")
+    headers, rows = group_table(run)
+    s.append(_table(headers, rows, "Groups over steps"))
+    headers, rows = contrast_table(run)
+    if rows:
+        s.append(_table(headers, rows, "Membership: members against their control, at the last evaluation"))
+    for tr in run.transitions(a, b):
+        m = np.array(tr["matrix"])
+        if m.sum():
             s.append(
                 _table(
-                    ["step", "rule", "group", "action", "message"],
-                    [
-                        [x["step"], x["rule"], x["group"] or "", x["action"] or "", x["message"]]
-                        for x in run_alerts
-                    ],
-                    "Alerts",
+                    ["from \\ to", *BUCKET_NAMES],
+                    [[name, *m[i].tolist()] for i, name in enumerate(BUCKET_NAMES)],
+                    f"{tr['group']}: transitions, step {tr['from_step']} → {tr['to_step']}",
                 )
             )
-        sections.append("".join(s))
-    style = (
-        "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}"
-        "h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}"
-        "table{border-collapse:collapse;margin:14px 0}caption{text-align:left;font-weight:600;padding:4px 0}"
-        "th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;vertical-align:top}th{background:#f4f4f4}"
-        ".charts{display:flex;flex-wrap:wrap;gap:8px}"
-        "figure{margin:0}figcaption.n{font-size:12px;color:#555;max-width:560px}"
-        ".t{font-weight:600;font-size:13px}.a{font-size:11px;fill:#444}"
-        ".g{stroke:#e6e6e6}.k{stroke:#999}.kd{stroke:#444;stroke-width:2;stroke-dasharray:6 4}"
-        ".v{stroke:#333;stroke-dasharray:4 3}" + _left_rules("".join(sections))
+    if tier_rows:
+        # The text report's dose-response table (reporters.console.tier_table), every step's rows, with a step
+        # column in front: its columns and formats, the match column included, come from one place.
+        headers, rows = _rich_columns(tier_table(tier_rows))
+        s.append(
+            _table(
+                ["step", *headers],
+                [[str(r["step"]), *row] for r, row in zip(tier_rows, rows, strict=True)],
+                "Canaries: dose-response",
+            )
+        )
+    timelines = [p for p in run.timelines() if p["first_memorized_step"] is not None]
+    s.append(
+        _table(
+            ["probe", "group", "tier", "first memorized", "forgotten at", "re-memorized at", "at end"],
+            [
+                [
+                    _probe_name(p),
+                    p["group"],
+                    p.get("repetitions", ""),
+                    p["first_memorized_step"],
+                    ", ".join(map(str, p["forgotten_steps"])) or "-",
+                    ", ".join(map(str, p["rememorized_steps"])) or "-",
+                    "yes" if p["memorized_at_end"] else "no",
+                ]
+                for p in timelines
+            ],
+            f"Probe timelines ({len(timelines)} ever memorized)",
+        )
     )
+    s.append(
+        _table(
+            ["group", "bucket", "n", "before", "after", "jump"],
+            [
+                [g, bucket, e["n"], _f(e["pre"], ".2f"), _f(e["post"], ".2f"), _f(e["jump"], "+.2f")]
+                for g, per in profiles.items()
+                for bucket, e in per.items()
+            ],
+            f"Entropy across the boundary at step {steps[b]}",
+        )
+    )
+    if run.alerts:
+        s.append(
+            _table(
+                ["step", "rule", "group", "action", "message"],
+                [
+                    [x["step"], x["rule"], x["group"] or "", x["action"] or "", x["message"]]
+                    for x in run.alerts
+                ],
+                "Alerts",
+            )
+        )
+    return "".join(s)
+
+
+def html_fragment(sections: Sequence[str], heading: str = "") -> str:
+    """Report sections as one fragment for another page (a notebook's output cell): no document around it, the
+    report's CSS limited to the fragment, inline SVG, no scripts and no external requests."""
+    body = "".join(sections)
     return (
-        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>memwatch report</title><style>{style}</style>"
-        f"</head><body><h1>memwatch report</h1><p>{html.escape(history.path)}</p>{''.join(sections)}</body></html>"
+        f'<div class="{_SCOPE}"><style>{_style(body, _SCOPE)}</style>'
+        f"{f'<p>{html.escape(heading)}</p>' if heading else ''}{body}</div>"
+    )
+
+
+def render_html(history: History, *, from_step: int | None = None, to_step: int | None = None) -> str:
+    """One self-contained HTML file (inline CSS and SVG; no scripts, no external requests)."""
+    sections = "".join(run_html(run, from_step=from_step, to_step=to_step) for run in history.all_runs())
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>memwatch report</title>"
+        f"<style>{_style(sections)}</style></head><body><h1>memwatch report</h1><p>{html.escape(history.path)}</p>"
+        f"{sections}</body></html>"
     )
 
 

@@ -84,13 +84,27 @@ class RunData:
     kept: list[dict[str, Any]] = field(
         default_factory=list
     )  # per evaluation: group statistics kept as numbers
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # the run's alerts (HistoryStore.alerts)
     _replayed: list[EvalRecord] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
+        # A few hundred characters whatever the panel: the arrays are for reading, not for printing.
+        groups = self.group_names()
+        counts = ", ".join(f"{_clip(g, 20)} {int((self.groups == g).sum())}" for g in groups[:_REPR_GROUPS])
+        if len(groups) > _REPR_GROUPS:
+            counts += f", +{len(groups) - _REPR_GROUPS} more groups"
+        where = f"; {_clip_path(self.history)}" if self.history else ""
         return (
-            f"RunData(run {self.run_id} {self.name!r}, {self.source}, {len(self.steps)} evaluations, "
-            f"{len(self.ids)} probes in {self.group_names()})"
+            f"RunData(run {self.run_id} {_clip(self.name, 48)!r}, {_clip(self.source, 12)}, "
+            f"{_clip(self.status or 'status unknown', 14)}, {_evaluations(self.steps.tolist())}, "
+            f"{len(self.ids)} probes ({counts}){where})"
         )
+
+    def _repr_html_(self) -> str:
+        """The run's part of `memwatch report --format html` (its charts and tables), shown by Jupyter."""
+        from memwatch.posthoc.report import html_fragment, run_html
+
+        return html_fragment([run_html(self)])
 
     @property
     def started(self) -> str:
@@ -341,6 +355,129 @@ class RunData:
         record = self.replayed()[index]
         return {s.key: scope_row(record, s.key)["boundary"] for s in record.scopes if s.kind == "group"}
 
+    def index_of(self, step: int) -> int:
+        """The index of the evaluation at training step `step`. A negative `step` counts evaluations from the end
+        as a list index does (-1: the last; training steps are never negative)."""
+        n = len(self.steps)
+        if step < 0 and -n <= step:
+            return n + step
+        hits = np.flatnonzero(self.steps == step)
+        if step < 0 or not len(hits):
+            raise ValueError(
+                f"run {self.name!r} has no evaluation at step {step}; steps: {self.steps.tolist()}"
+            )
+        return int(hits[0])
+
+    # --- DataFrames (pandas, imported here only: pip install 'memwatch[notebook]') ----------------------------------
+
+    def series_frame(self) -> Any:
+        """group_series() as a DataFrame: one row per (step, group) with every group statistic, counts as int64
+        and statistics as float64 (NaN where the run does not define one), and the bucket counts as int64 columns
+        `buckets/<bucket>`. The entropy across the boundary per bucket is entropy_profiles()."""
+        pd = _pandas("RunData.series_frame")
+        rows = []
+        for r in self.group_series():
+            flat = {k: v for k, v in r.items() if k not in ("buckets", "boundary", "ngram_profile")}
+            flat.update({f"buckets/{b}": count for b, count in r["buckets"].items()})
+            rows.append(flat)
+        return _frame(pd, rows, ["step", "group", *_ROW_COUNTS])
+
+    def tiers_frame(self) -> Any:
+        """tiers() as a DataFrame, the canaries' dose-response: one row per (step, repetition tier) with its
+        inserted canaries' and never-inserted twins' counts (int64), extraction rates, median exposures and
+        membership contrasts (float64), and `first_memorized_step` (Int64, <NA> if none yet)."""
+        pd = _pandas("RunData.tiers_frame")
+        return _frame(pd, self.tiers(), ["step", "repetitions", "inserted", "twins"])
+
+    def timelines_frame(self) -> Any:
+        """timelines() as a DataFrame: one row per probe (panel order) with its id and group, the first step it
+        was memorized (Int64, <NA> if never), the steps it was forgotten and re-memorized at (lists), whether it
+        is memorized at the end (bool), and a canary's `canary_id` and `repetitions` (<NA> for other probes)."""
+        pd = _pandas("RunData.timelines_frame")
+        return _frame(
+            pd,
+            self.timelines(),
+            ["id", "group", "first_memorized_step", "forgotten_steps", "rememorized_steps"],
+        )
+
+    def transitions_frame(
+        self, from_step: int | None = None, to_step: int | None = None, group: str | None = None
+    ) -> Any:
+        """The bucket transition matrix between two evaluations as a square int64 DataFrame: rows the buckets at
+        `from_step` (default: the first evaluation), columns those at `to_step` (default: the last), counting the
+        probes of `group` (default: every group). Steps as in index_of (-1: the last); `attrs` holds from_step,
+        to_step and group."""
+        pd = _pandas("RunData.transitions_frame")
+        if not len(self.steps):
+            raise ValueError(f"run {self.name!r} has no evaluations yet")
+        if group is not None and group not in self.group_names():
+            raise ValueError(f"run {self.name!r} has no group {group!r}; groups: {self.group_names()}")
+        a = self.index_of(from_step) if from_step is not None else 0
+        b = self.index_of(to_step) if to_step is not None else len(self.steps) - 1
+        matrices = [np.array(t["matrix"]) for t in self.transitions(a, b) if group in (None, t["group"])]
+        frame = pd.DataFrame(
+            np.sum(matrices, axis=0).astype(np.int64),
+            index=pd.Index(list(BUCKET_NAMES), name="from"),
+            columns=pd.Index(list(BUCKET_NAMES), name="to"),
+        )
+        frame.attrs.update(from_step=int(self.steps[a]), to_step=int(self.steps[b]), group=group)
+        return frame
+
+
+# The repr's bounds (under 500 characters in all): a run's first groups, a history's latest runs with their names
+# clipped to lines of about _REPR_LINE characters, paths clipped.
+_REPR_GROUPS = 5
+_REPR_RUNS = 3
+_REPR_LINE = 100
+
+
+def _clip(text: str, most: int) -> str:
+    # The middle goes: names differ at their ends as often as at their starts (run-1, run-2; group-a, group-b).
+    if len(text) <= most:
+        return text
+    head = (most - 1) // 2
+    return text[:head] + "…" + text[len(text) - (most - 1 - head) :]
+
+
+def _clip_path(path: str, most: int = 100) -> str:
+    # The file's end names it (run-x/memwatch/history.sqlite): the start is what goes.
+    return path if len(path) <= most else "…" + path[-(most - 1) :]
+
+
+def _evaluations(steps: Sequence[int]) -> str:
+    if not steps:
+        return "no evaluations"
+    at = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}..{steps[-1]}"
+    return f"{len(steps)} evaluation{'s' if len(steps) > 1 else ''} at {at}"
+
+
+def _pandas(what: str) -> Any:
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        raise ImportError(f"{what} needs pandas: pip install 'memwatch[notebook]'") from exc
+    return pd
+
+
+def _frame(pd: Any, rows: Sequence[dict[str, Any]], first: Sequence[str]) -> Any:
+    """Report rows as a DataFrame, `first` columns in front, each column's dtype from its values: whole numbers
+    int64 (Int64 where some are missing), other numbers float64 (None as NaN), booleans bool, lists as they are."""
+    columns = list(
+        dict.fromkeys([*(c for c in first if any(c in r for r in rows)), *(k for r in rows for k in r)])
+    )
+    frame = pd.DataFrame.from_records([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+    for c in columns:
+        values = [r.get(c) for r in rows]
+        given = [v for v in values if v is not None]
+        if given and all(isinstance(v, bool | np.bool_) for v in given):
+            frame[c] = frame[c].astype(bool if len(given) == len(values) else "boolean")
+        elif given and all(isinstance(v, int | np.integer) for v in given):
+            frame[c] = frame[c].astype(np.int64 if len(given) == len(values) else "Int64")
+        elif all(isinstance(v, int | float | np.number) and not isinstance(v, bool) for v in given):
+            # Statistics: NaN where undefined, a whole column of it for one this run never defines.
+            frame[c] = frame[c].astype(np.float64)
+    return frame
+
 
 def scope_row(record: EvalRecord, key: str) -> dict[str, Any]:
     """A group's statistics at one evaluation as a report row: the counts, then every scalar by name (NaN as
@@ -391,6 +528,35 @@ class History:
 
     def close(self) -> None:
         self.store.close()
+
+    def __repr__(self) -> str:
+        # The latest runs in a line each, whatever the panel and however many runs: never the data.
+        try:
+            runs = self.store.runs()
+            lines = []
+            for info in runs[-_REPR_RUNS:]:
+                steps = [ev["step"] for ev in self.store.evals(info["run_id"])]
+                rest = (
+                    f": {_clip(info['source'] or '', 12)}, {_clip(info['status'] or 'status unknown', 14)}, "
+                    f"{_evaluations(steps)}, {len(self.store.positions(info['run_id']))} probes"
+                )
+                head = f"  run {info['run_id']} "
+                # The name gets the room the line has left (and at least 12 characters of it).
+                room = max(12, min(40, _REPR_LINE - len(head) - len(rest) - 2))
+                lines.append(f"{head}{_clip(info['name'], room)!r}{rest}")
+        except Exception as exc:  # a repr never raises: a closed or damaged file says so
+            return f"History({_clip_path(self.path)!r}, unreadable: {_clip(str(exc), 100)})"
+        earlier = len(runs) - _REPR_RUNS
+        more = [f"  (and {earlier} earlier run{'' if earlier == 1 else 's'})"] if earlier > 0 else []
+        head = f"History({_clip_path(self.path)!r}, {len(runs)} run{'' if len(runs) == 1 else 's'}"
+        return "\n".join([head + (":" if runs else ")"), *more, *lines]) + (")" if runs else "")
+
+    def _repr_html_(self) -> str:
+        """Every run's part of `memwatch report --format html` (charts and tables), shown by Jupyter."""
+        from memwatch.posthoc.report import html_fragment, run_html
+
+        sections = [run_html(run) for run in self.all_runs()] or ["<p>No runs yet.</p>"]
+        return html_fragment(sections, heading=f"memwatch history {self.path}")
 
     def __enter__(self) -> History:
         return self
@@ -505,6 +671,7 @@ class History:
             history=self.path,
             kept=[self.store.kept_stats(ev["eval_id"]) for ev in evals],
             status=info.get("status"),
+            alerts=self.store.alerts(info["run_id"]),
         )
 
     def all_runs(self) -> list[RunData]:
