@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import numpy as np
 from memwatch.probes import Probe
 
 __all__ = [
+    "DEFAULT_PROMPT",
     "DEFAULT_TIERS",
     "FAMILIES",
     "Canary",
@@ -584,55 +586,82 @@ def inject(
     canaries: CanaryManifest,
     *,
     text_field: str = "text",
+    prompt: str | None = None,
     seed: int | None = None,
 ) -> tuple[Any, CanaryManifest]:
     """Insert every inserted canary `repetitions` times into a training set, spread evenly; twins never.
 
-    Supported: a list of texts; a list of dicts with `text_field` (text) or "input_ids" (already tokenized: a
-    canary row starts with the canary's probe window, its `prefix_len` tokens before the secret and the secret,
-    so the probe is the sequence exactly as trained, at the same positions, which matters for models with
-    absolute position embeddings; rows of one fixed length are filled up with the tokens of another row); a
-    Hugging Face `datasets.Dataset` with the same columns. Returns (new dataset, manifest with the positions),
-    without changing the input. Raises CanaryError for anything else, before building anything.
+    The dataset's format is detected, in the order TRL's SFTTrainer reads it:
+    - tokenized rows (`input_ids`): a canary row starts with the canary's probe window, its `prefix_len` tokens
+      before the secret and the secret, so the probe is the sequence exactly as trained, at the same positions,
+      which matters for models with absolute position embeddings; rows of one fixed length are filled up with
+      the tokens of another row; `labels` and mask columns (`attention_mask`, `completion_mask`,
+      `assistant_masks`) mark every canary token as trained;
+    - prompt-completion rows (`prompt` and `completion`, both texts or both lists of {role, content} messages):
+      the canary is the completion, so it trains under completion-only loss, after a neutral `prompt` (default
+      "Write down the note.", followed by a newline in the text format so the completion starts on a token
+      boundary; a user turn in the conversational format). One fixed prompt keeps the copies of a canary
+      identical, as The Secret Sharer inserts them; the prompt is never part of the probe;
+    - conversational rows (`messages`: a list of {role, content}): a user turn with `prompt` and the canary as
+      the assistant's answer, so it trains under assistant-only loss;
+    - texts: a list of strings, or rows with `text_field`.
+    A list of such dicts or a Hugging Face `datasets.Dataset` with such columns. Other columns of a canary row
+    are left empty (None, or [] for list columns), except `chat_template_kwargs`, copied from the first row so
+    the canary renders as the other rows do. Returns (new dataset, manifest recording the format, the prompt and
+    the rows), without changing the input. Pre-flight then finds each canary in the tokenized (or packed) data
+    the trainer uses and probes it as trained. Raises CanaryError for anything else, before building anything.
     """
     if not isinstance(canaries, CanaryManifest):
         raise CanaryError(
             f"inject needs the CanaryManifest from make_canaries; got {type(canaries).__name__}"
         )
-    kind, rows = _dataset_kind(dataset, text_field)
-    if kind == "text" and any(c.text is None for c in canaries.inserted):
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise CanaryError(
+            f"prompt must be a non-empty string (the user turn before a canary); got {prompt!r}"
+        )
+    src = _dataset_kind(dataset, text_field)
+    if src.kind != "tokens" and any(c.text is None for c in canaries.inserted):
         raise CanaryError(
             "token-level canaries (random_tokens without a tokenizer) can only go into tokenized datasets"
         )
+    used_prompt = _prompt_for(src, prompt)
+    if prompt is not None and used_prompt is None:
+        raise CanaryError(
+            f"prompt= goes before canaries in prompt-completion or 'messages' rows, but this dataset's rows are "
+            f"{_KIND_NAMES[src.kind]}, where a canary is a whole row: leave prompt= out"
+        )
     rng = np.random.default_rng([canaries.seed if seed is None else seed, 0x1A])
     inserted = canaries.inserted
-    keys = _spread(len(rows), [c.repetitions for c in inserted], rng)
+    rows = src.rows or []
+    keys = _spread(src.n, [c.repetitions for c in inserted], rng)
     fixed_len = None
-    if kind == "tokens":
+    if src.kind == "tokens":
         lengths = {len(r["input_ids"]) for r in rows} if rows else set()
         fixed_len = lengths.pop() if len(lengths) == 1 else None
     made: list[tuple[float, Any, int]] = []
     for key, c_idx in keys:
-        canary = inserted[c_idx]
-        made.append(
-            (key, _make_row(kind, canary, canaries.prefix_len, rows, fixed_len, text_field, rng), c_idx)
-        )
+        row = _make_row(src, inserted[c_idx], canaries.prefix_len, fixed_len, text_field, used_prompt, rng)
+        made.append((key, row, c_idx))
     # Merge: original row i has key (i + 0.5) / n; stable sort keeps the original order among them.
-    n = len(rows)
+    n = src.n
     order = sorted(
         [((i + 0.5) / max(1, n), 0, i) for i in range(n)]
         + [(key, 1, j) for j, (key, _r, _c) in enumerate(made)]
     )
     positions: dict[str, list[int]] = {c.id: [] for c in inserted}
-    out_rows: list[Any] = []
     for pos, (_key, is_canary, idx) in enumerate(order):
         if is_canary:
-            _k, row, c_idx = made[idx]
-            positions[inserted[c_idx].id].append(pos)
-            out_rows.append(row)
-        else:
-            out_rows.append(rows[idx])
-    new = _rebuild(dataset, kind, out_rows, order, made, text_field)
+            positions[inserted[made[idx][2]].id].append(pos)
+    new = _rebuild(dataset, src, order, made)
+    injection: dict[str, Any] = {
+        "kind": src.kind,
+        "field": _FIELDS.get(src.kind, text_field),
+        "rows_before": n,
+        "rows_after": n + len(made),
+        "positions": positions,
+    }
+    if used_prompt is not None:
+        injection.update(prompt=used_prompt, conversational=src.conversational)
     manifest = CanaryManifest(
         canaries=canaries.canaries,
         references=canaries.references,
@@ -641,88 +670,188 @@ def inject(
         tiers=canaries.tiers,
         seed=canaries.seed,
         tokenizer=canaries.tokenizer,
-        injection={"kind": kind, "rows_before": n, "rows_after": len(out_rows), "positions": positions},
+        injection=injection,
         extra=dict(canaries.extra),
     )
     return new, manifest
+
+
+DEFAULT_PROMPT = "Write down the note."  # neutral: it neither asks for nor hints at a secret
+_KIND_NAMES = {
+    "text": "texts",
+    "dicts": "texts",
+    "tokens": "tokenized",
+    "prompt_completion": "",
+    "messages": "",
+}
+# Where the canary goes, per format (the manifest records it).
+_FIELDS = {"tokens": "input_ids", "prompt_completion": "completion", "messages": "messages"}
+# Per-token columns of tokenized rows, and their value on a canary row of n tokens (every token trained).
+_TOKEN_COLUMNS: dict[str, Callable[[list[int]], Any]] = {
+    "attention_mask": lambda ids: [1] * len(ids),
+    "labels": lambda ids: list(ids),
+    "completion_mask": lambda ids: [1] * len(ids),
+    "assistant_masks": lambda ids: [1] * len(ids),
+    "token_type_ids": lambda ids: [0] * len(ids),
+    "position_ids": lambda ids: list(range(len(ids))),
+    "seq_lengths": lambda ids: [len(ids)],
+}
+
+
+@dataclass
+class _Source:
+    """A dataset as inject sees it: its format, its rows where they are needed, its size and a template row."""
+
+    kind: str  # "text" (strings), "dicts" (rows with a text field), "tokens", "prompt_completion", "messages"
+    rows: list[Any] | None
+    n: int
+    template: dict[str, Any] | None  # the first row: the other columns a canary row must fill
+    conversational: bool = False
+    hf: bool = False  # a datasets.Dataset: canary rows are built as dicts of its columns
 
 
 def _is_hf_dataset(obj: Any) -> bool:
     return type(obj).__name__ == "Dataset" and type(obj).__module__.startswith("datasets")
 
 
-def _dataset_kind(dataset: Any, text_field: str) -> tuple[str, list[Any]]:
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+    )
+
+
+def _conversational(kind: str, rows: Sequence[Mapping[str, Any]], what: str) -> bool:
+    """Whether prompt-completion or messages rows hold {role, content} messages (True) or texts (False);
+    CanaryError for rows that are neither, or a mix."""
+    fields = ("prompt", "completion") if kind == "prompt_completion" else ("messages",)
+    values = [r[f] for r in rows for f in fields]
+    if all(_is_messages(v) for v in values):
+        return True
+    if kind == "messages":
+        raise CanaryError(
+            f"{what} has a 'messages' column whose rows are not all lists of {{'role', 'content'}} messages; "
+            "convert them first (ShareGPT 'from'/'value' turns: trl.data_utils.maybe_convert_to_chatml)"
+        )
+    if all(isinstance(v, str) for v in values):
+        return False
+    raise CanaryError(
+        f"{what} has prompt/completion rows that are neither all texts nor all lists of {{'role', 'content'}} "
+        "messages; make them one or the other, as TRL expects"
+    )
+
+
+def _dataset_kind(dataset: Any, text_field: str) -> _Source:
     supported = (
-        f"inject supports a list of texts, a list of dicts with a '{text_field}' or 'input_ids' field, or a datasets.Dataset "
-        "with such a column"
+        "inject supports a list of texts; a list of dicts or a datasets.Dataset with 'input_ids' (tokenized), "
+        f"'prompt' and 'completion', 'messages' (conversational) or a '{text_field}' field (set text_field=...)"
     )
     if _is_hf_dataset(dataset):
         cols = dataset.column_names
+        n = len(dataset)
+        template = dict(dataset[0]) if n else {c: None for c in cols}
         if "input_ids" in cols:
-            return "tokens", [dict(r) for r in dataset]
+            return _Source("tokens", [dict(r) for r in dataset], n, template, hf=True)
+        for kind, needed in (("prompt_completion", ("prompt", "completion")), ("messages", ("messages",))):
+            if all(c in cols for c in needed):
+                # TRL tells the formats apart by the first row; so does this (a list's rows are all checked).
+                conv = _conversational(kind, [template], "this datasets.Dataset") if n else kind == "messages"
+                return _Source(kind, None, n, template, conv, hf=True)
         if text_field in cols:
-            return "text", list(dataset[text_field])
-        raise CanaryError(f"{supported}; this datasets.Dataset has columns {cols} (set text_field=...)")
+            return _Source("text", None, n, template, hf=True)
+        raise CanaryError(f"{supported}; this datasets.Dataset has columns {cols}")
     if isinstance(dataset, list | tuple):
+        n = len(dataset)
         if all(isinstance(r, str) for r in dataset):
-            return "text", list(dataset)
+            return _Source("text", list(dataset), n, None)
         if all(isinstance(r, Mapping) for r in dataset):
-            if all("input_ids" in r for r in dataset):
-                return "tokens", [dict(r) for r in dataset]
-            if all(text_field in r for r in dataset):
-                return "dicts", [dict(r) for r in dataset]
+            rows = [dict(r) for r in dataset]
+            template = rows[0] if rows else None
+            if all("input_ids" in r for r in rows):
+                return _Source("tokens", rows, n, template)
+            for kind, needed in (
+                ("prompt_completion", ("prompt", "completion")),
+                ("messages", ("messages",)),
+            ):
+                if all(all(f in r for f in needed) for r in rows):
+                    return _Source(kind, rows, n, template, _conversational(kind, rows, "the dataset"))
+            if all(text_field in r for r in rows):
+                return _Source("dicts", rows, n, template)
         raise CanaryError(f"{supported}; got a list whose rows are not all texts or all such dicts")
     raise CanaryError(f"{supported}; got {type(dataset).__name__}")
 
 
+def _prompt_for(src: _Source, prompt: str | None) -> str | None:
+    """The user text before a canary in prompt-completion and conversational rows (None for the others)."""
+    if src.kind not in ("prompt_completion", "messages"):
+        return None
+    if prompt is not None:
+        return prompt
+    text_format = src.kind == "prompt_completion" and not src.conversational
+    return DEFAULT_PROMPT + "\n" if text_format else DEFAULT_PROMPT
+
+
+def _empty_like(column: str, value: Any) -> Any:
+    """A canary row's value for a column it does not use: nothing, in the column's shape."""
+    if column == "chat_template_kwargs":  # render the canary as the other rows are rendered
+        return copy.deepcopy(value)
+    if isinstance(value, list | tuple):
+        return []
+    return None
+
+
 def _make_row(
-    kind: str,
+    src: _Source,
     canary: Canary,
     k: int,
-    rows: list[Any],
     fixed_len: int | None,
     text_field: str,
+    prompt: str | None,
     rng: np.random.Generator,
 ) -> Any:
-    if kind == "text":
-        return canary.text
-    if kind == "dicts":
-        return {text_field: canary.text}
-    ids = list(canary.tokens[max(0, canary.secret_start - k) :])
-    if fixed_len is not None and fixed_len > len(ids) and rows:
-        filler = list(rows[int(rng.integers(len(rows)))]["input_ids"])
-        ids = (ids + filler)[:fixed_len]
-    template = rows[0] if rows else {"input_ids": []}
-    row: dict[str, Any] = {"input_ids": ids}
-    if "attention_mask" in template:
-        row["attention_mask"] = [1] * len(ids)
-    if "labels" in template:
-        row["labels"] = list(ids)
-    for key in template:
-        if key not in row:
-            row[key] = None
+    row: dict[str, Any]
+    if src.kind == "text" and not src.hf:
+        return canary.text  # a list of strings
+    if src.kind in ("text", "dicts"):
+        row = {text_field: canary.text}
+    elif src.kind == "prompt_completion":
+        assert prompt is not None
+        if src.conversational:
+            row = {
+                "prompt": [{"role": "user", "content": prompt}],
+                "completion": [{"role": "assistant", "content": canary.text}],
+            }
+        else:
+            row = {"prompt": prompt, "completion": canary.text}
+    elif src.kind == "messages":
+        assert prompt is not None
+        row = {
+            "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": canary.text}]
+        }
+    else:
+        rows = src.rows or []
+        ids = list(canary.tokens[max(0, canary.secret_start - k) :])
+        if fixed_len is not None and fixed_len > len(ids) and rows:
+            filler = list(rows[int(rng.integers(len(rows)))]["input_ids"])
+            ids = (ids + filler)[:fixed_len]
+        row = {"input_ids": ids}
+        for column in src.template or {}:
+            if column in _TOKEN_COLUMNS:
+                row[column] = _TOKEN_COLUMNS[column](ids)
+    for column, value in (src.template or {}).items():
+        if column not in row:
+            row[column] = _empty_like(column, value)
     return row
 
 
-def _rebuild(
-    dataset: Any, kind: str, out_rows: list[Any], order: list[Any], made: list[Any], text_field: str
-) -> Any:
+def _rebuild(dataset: Any, src: _Source, order: list[Any], made: list[Any]) -> Any:
     if not _is_hf_dataset(dataset):
-        return out_rows
+        rows = src.rows or []
+        return [made[idx][1] if is_canary else rows[idx] for _key, is_canary, idx in order]
     from datasets import Dataset, concatenate_datasets
 
-    extra_rows = [r for _k, r, _c in made]
-    if kind == "text":
-        other_cols = [c for c in dataset.column_names if c != text_field]
-        add = (
-            Dataset.from_dict(
-                {text_field: extra_rows, **{c: [None] * len(extra_rows) for c in other_cols}}
-            ).cast(dataset.features)
-            if other_cols
-            else Dataset.from_dict({text_field: extra_rows}).cast(dataset.features)
-        )
-    else:
-        add = Dataset.from_list(extra_rows).cast(dataset.features)
+    add = Dataset.from_list([r for _k, r, _c in made], features=dataset.features)
     merged = concatenate_datasets([dataset, add])
     n = len(dataset)
     indices = [idx if not is_canary else n + idx for _key, is_canary, idx in order]
@@ -771,11 +900,12 @@ def preflight(
     secret tokens receive loss under `collator`, and that each has prefix_len tokens of context before it.
 
     The rows recorded by `inject` are checked first; if the dataset was transformed since (tokenized, filtered,
-    packed), up to `scan_limit` rows are searched for each secret's token ids. Raises CanaryError naming the
+    packed), up to `scan_limit` rows are searched for each secret's token ids. In packed rows (`seq_lengths`,
+    `position_ids`) the context is taken from the canary's own sequence only: the model never attends across. Raises CanaryError naming the
     canary and the fix; returns the probe window of each inserted canary as it appears in the data. `tokenizer`
     (the trainer's) lets a canary that is missing because it was tokenized otherwise be told as such.
     """
-    from memwatch.probes import example_tokens
+    from memwatch.probes import example_tokens, sequence_starts
 
     manifest.check_spec(prefix_len, suffix_len)
     if dataset is None:
@@ -817,7 +947,11 @@ def preflight(
             for i in positions:
                 if 0 <= i < n_rows:
                     search(i)
-        fast = all(occurrences.get(c.id) for c in manifest.inserted)
+        # Every recorded row must hold its own canary: a dataset of the same length shuffled since would
+        # otherwise give wrong counts.
+        fast = all(
+            {i for i, _h in occurrences.get(cid, [])} >= set(positions) for cid, positions in recorded.items()
+        ) and all(occurrences.get(c.id) for c in manifest.inserted)
     scanned = sum(len(v) for v in recorded.values()) if fast else min(n_rows, scan_limit)
     if not fast:
         occurrences = {cid: [] for cid in secrets}
@@ -843,8 +977,13 @@ def preflight(
         window = None
         masked = short = 0
         for i, h in occ:
-            ids, trained = example_tokens(row(i), collator)  # type: ignore[misc]
-            if h < k:
+            example = row(i)
+            ids, trained = example_tokens(example, collator)  # type: ignore[misc]
+            # The context is what the model saw before the secret: within its own sequence when rows are packed
+            # (TRL's packing keeps the sequences apart), never the end of the sequence packed before it.
+            bounds = [*sequence_starts(example), len(ids)]
+            start = max(b for b in bounds if b <= h)
+            if h - start < k or any(h < b < h + m for b in bounds):
                 short += 1
                 continue
             if not all(trained[h : h + m]):

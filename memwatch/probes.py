@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -16,11 +17,13 @@ __all__ = [
     "GROUP_ORDER",
     "Panel",
     "Probe",
+    "TokenMatcher",
     "example_tokens",
     "probe_id",
     "probes_from_user",
     "rng_guard",
     "sample_windows",
+    "sequence_starts",
 ]
 
 log = logging.getLogger("memwatch")
@@ -199,18 +202,95 @@ def _collated_labels(
     return None
 
 
-def _window_starts(trained: list[bool], real: list[bool], n_tokens: int, k: int, m: int) -> list[int]:
-    """Starts s with s + k + m <= len whose suffix [s+k, s+k+m) is entirely trained and whose whole window is real
-    text (no padding)."""
+def sequence_starts(example: Any) -> list[int]:
+    """Where the sequences packed into one example begin: [0] for a plain example; from `seq_lengths` (TRL's
+    packing) or the zeros of `position_ids` (padding-free batches) when the example has them. Tokens of two
+    packed sequences never attend to each other, so no probe window may cross such a boundary."""
+    if not isinstance(example, Mapping):
+        return [0]
+    lengths = _to_list(example.get("seq_lengths"))
+    if lengths:
+        return [0, *np.cumsum(lengths[:-1]).astype(int).tolist()]
+    positions = _to_list(example.get("position_ids"))
+    if positions:
+        return [0, *(i for i, p in enumerate(positions) if p == 0 and i > 0)]
+    return [0]
+
+
+class TokenMatcher:
+    """Finds occurrences of a set of token sequences (e.g. canary secrets) in token arrays, fast: candidate
+    positions come from a vectorised look-up of each pattern's first two tokens."""
+
+    def __init__(self, patterns: Iterable[Sequence[int]]) -> None:
+        self.patterns = [
+            np.asarray(p, dtype=np.int64) for p in dict.fromkeys(tuple(p) for p in patterns) if p
+        ]
+        self._base = int(max((int(p.max()) for p in self.patterns), default=0)) + 1
+        self._by_key: dict[int, list[np.ndarray]] = {}
+        for p in self.patterns:
+            self._by_key.setdefault(self._key(p), []).append(p)
+        self._keys = np.fromiter(self._by_key, dtype=np.int64)
+
+    def _key(self, p: np.ndarray) -> int:
+        # A one-token pattern is keyed by its token alone, in a range two-token keys never reach.
+        return int(p[0]) * self._base + int(p[1]) if len(p) > 1 else -1 - int(p[0])
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def find(self, tokens: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+        """(start, end) of every occurrence of a pattern in `tokens`."""
+        if not self.patterns:
+            return []
+        arr = np.asarray(tokens, dtype=np.int64)
+        if arr.size == 0:
+            return []
+        known = arr < self._base  # a token beyond every pattern's ids starts no pattern
+        keys = np.full(len(arr), np.iinfo(np.int64).min, dtype=np.int64)
+        pair = known[:-1] & known[1:]
+        keys[:-1][pair] = arr[:-1][pair] * self._base + arr[1:][pair]
+        found: list[tuple[int, int]] = []
+        for key_array in (keys, np.where(known, -1 - arr, np.iinfo(np.int64).min)):
+            for h in np.flatnonzero(np.isin(key_array, self._keys)).tolist():
+                for p in self._by_key[int(key_array[h])]:
+                    if h + len(p) <= len(arr) and np.array_equal(arr[h : h + len(p)], p):
+                        found.append((h, h + len(p)))
+        return found
+
+    def blocked(self, tokens: Sequence[int], starts: Sequence[int]) -> list[bool]:
+        """Per token: whether it belongs to a (packed) sequence holding an occurrence of a pattern."""
+        n = len(tokens)
+        out = [False] * n
+        hits = self.find(tokens)
+        if not hits:
+            return out
+        bounds = [*starts, n]
+        for lo, hi in itertools.pairwise(bounds):
+            if any(s < hi and e > lo for s, e in hits):
+                out[lo:hi] = [True] * (hi - lo)
+        return out
+
+
+def _window_starts(
+    trained: list[bool], real: list[bool], n_tokens: int, k: int, m: int, starts: Sequence[int] = (0,)
+) -> list[int]:
+    """Starts s with s + k + m <= len whose suffix [s+k, s+k+m) is entirely trained, whose whole window is real
+    text (no padding, nothing excluded) and lies inside one packed sequence."""
     if n_tokens < k + m:
         return []
     untrained = np.cumsum([0] + [not t for t in trained])  # untrained[i] = untrained tokens before i
     padding = np.cumsum([0] + [not r for r in real])
-    starts = np.arange(0, n_tokens - (k + m) + 1)
-    ok = (untrained[starts + k + m] - untrained[starts + k] == 0) & (
-        padding[starts + k + m] - padding[starts] == 0
+    boundary = np.zeros(n_tokens + 1, dtype=np.int64)
+    inner = [b for b in starts if 0 < b < n_tokens]
+    boundary[np.asarray(inner, dtype=np.int64) + 1] = 1
+    boundary = np.cumsum(boundary)  # boundary[i] = sequence starts at positions 1..i-1
+    s = np.arange(0, n_tokens - (k + m) + 1)
+    ok = (
+        (untrained[s + k + m] - untrained[s + k] == 0)
+        & (padding[s + k + m] - padding[s] == 0)
+        & (boundary[s + k + m] - boundary[s + 1] == 0)  # no sequence starts at s+1 .. s+k+m-1
     )
-    return starts[ok].tolist()
+    return s[ok].tolist()
 
 
 def sample_windows(
@@ -224,6 +304,7 @@ def sample_windows(
     collator: Callable[[list[Any]], Any] | None = None,
     window: str = "first",
     scan_limit: int | None = None,
+    exclude: Iterable[Sequence[int]] = (),
 ) -> list[Probe]:
     """Sample up to n windows of k + m tokens from a tokenized dataset, deterministically for a seed.
 
@@ -233,7 +314,9 @@ def sample_windows(
     Pythia's convention, and the start of the completion under completion-only SFT) or a uniformly random one
     (window="random"). Later rounds take further, non-overlapping windows from the same examples if the dataset
     is small. Iterable datasets without a length are read from the start, up to `scan_limit` examples
-    (default 20 n).
+    (default 20 n). Windows never cross the boundary of two packed sequences (`seq_lengths`, `position_ids`).
+    `exclude`: token sequences (canary secrets and contexts) whose example, or packed sequence within an
+    example, is never sampled, so that text inserted on purpose does not count as ordinary training data.
     """
     if window not in ("first", "random"):
         raise ValueError(f"window must be 'first' or 'random'; got {window!r}")
@@ -257,6 +340,7 @@ def sample_windows(
                 examples.append(ex)
         order = rng.permutation(len(examples)).tolist()
         get = examples.__getitem__
+    matcher = TokenMatcher(exclude)
     probes: list[Probe] = []
     seen: set[str] = set()
     taken: dict[int, set[int]] = {}
@@ -266,11 +350,16 @@ def sample_windows(
             if len(probes) >= n:
                 return probes
             if round_ == 0:
-                parsed = example_tokens(get(idx), collator, with_real=True)
+                example = get(idx)
+                parsed = example_tokens(example, collator, with_real=True)
                 if parsed is None:
                     continue
                 ids, trained, real = parsed
-                starts = _window_starts(trained, real, len(ids), k, m)
+                seq_starts = sequence_starts(example)
+                if matcher:  # a sequence holding canary text is not ordinary training data
+                    blocked = matcher.blocked(ids, seq_starts)
+                    real = [r and not b for r, b in zip(real, blocked, strict=True)]
+                starts = _window_starts(trained, real, len(ids), k, m, seq_starts)
                 if not starts:
                     continue
                 candidates[idx] = (ids, starts)

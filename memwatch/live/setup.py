@@ -15,6 +15,7 @@ from memwatch.probes import Panel, Probe, probes_from_user, sample_windows
 __all__ = [
     "SetupError",
     "build_panel",
+    "canary_text",
     "check_alert_groups",
     "check_definitions",
     "check_model",
@@ -63,7 +64,8 @@ def build_panel(
     cfg = config
     k, m = cfg.prefix_len, cfg.suffix_len
     panel = Panel()
-    for probe in _canary_probes(config, canaries, manifest):
+    canary_probes = _canary_probes(config, canaries, manifest)
+    for probe in canary_probes:
         panel.add(probe)
     try:
         for probe in probes_from_user(user_probes, tokenizer=tokenizer):
@@ -79,6 +81,7 @@ def build_panel(
         seed=cfg.seed,
         collator=collator,
         window=cfg.window,
+        exclude=canary_text(canary_probes, k, m),
     ):
         panel.add(probe)
     before = set(panel.ids)
@@ -138,6 +141,20 @@ def build_panel(
             + _lengthen(k + m, position_limit)
         )
     return panel
+
+
+def canary_text(probes: list[Probe], k: int, m: int) -> list[tuple[int, ...]]:
+    """Token sequences that mark canary text in the training data, so the train group never samples it (a
+    canary inserted 64 times would otherwise inflate the train group's rate): each canary's secret, and the
+    k - 1 tokens before it (also when packing or truncation cut the secret off; not the first context token,
+    which can tokenize differently after a prompt or a chat template's markup)."""
+    marks: list[tuple[int, ...]] = []
+    for p in probes:
+        if len(p.tokens) >= k + m:
+            marks.append(tuple(p.tokens[k : k + m]))
+            if k > 1:
+                marks.append(tuple(p.tokens[1:k]))
+    return marks
 
 
 def load_manifest(canaries: Any) -> Any:
