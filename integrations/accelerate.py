@@ -8,7 +8,35 @@ from typing import Any
 
 from memwatch import EvalRecord, Monitor, MonitorConfig, SetupError
 
-__all__ = ["MemWatch"]
+__all__ = ["MemWatch", "tracker_targets"]
+
+
+def tracker_targets(accelerator: Any) -> list[Any]:
+    """The trackers of `accelerator.init_trackers` (log_with=...), as memwatch.reporters.trackers targets: numbers
+    through each tracker's own log at the training step (TensorBoard left out: memwatch writes its own event files);
+    W&B alerts and artifacts in its run, MLflow tags and artifacts in the active run."""
+    from memwatch.reporters.trackers import CallbackTarget, MlflowTarget, WandbTarget
+
+    targets: list[Any] = []
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        name = getattr(tracker, "name", type(tracker).__name__)
+        if name == "tensorboard":
+            continue
+        if name == "wandb":
+            targets.append(WandbTarget(tracker.run))
+        elif name == "mlflow":
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is not None:
+                targets.append(MlflowTarget(active.info.run_id, mlflow.get_tracking_uri()))
+        else:
+
+            def log(metrics: dict[str, float], step: int, tracker: Any = tracker) -> None:
+                tracker.log(metrics, step=step)
+
+            targets.append(CallbackTarget(name, log))
+    return targets
 
 
 class MemWatch:
@@ -68,6 +96,12 @@ class MemWatch:
             step = int(self._pending_state.get("step", step))
         out = self.output_dir or getattr(accelerator, "project_dir", None) or "."
         mixed = str(getattr(accelerator, "mixed_precision", "no"))
+        if monitor.config.trackers != "off":
+            from memwatch.reporters.trackers import TrackerSink
+
+            targets = tracker_targets(accelerator)
+            if targets and not any(isinstance(s, TrackerSink) for s in monitor.user_sinks):
+                monitor.add_sink(TrackerSink(targets, monitor.config.trackers, run=monitor))
         started = monitor.guarded_setup(
             lambda: monitor.setup(
                 model,

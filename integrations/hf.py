@@ -32,6 +32,41 @@ def _find_trainer() -> Any:
     return None
 
 
+def tracker_targets(trainer: Any) -> list[Any]:
+    """The trackers the Trainer reports to (`report_to`), as memwatch.reporters.trackers targets. W&B and MLflow are
+    written directly in the runs the Trainer's callbacks opened (W&B against the Trainer's x-axis train/global_step,
+    without the "train/" prefix its callback adds; MLflow by run id, since its callback may end the run before the
+    final evaluation); the other integrations through their own on_log. TensorBoard is left out: memwatch writes
+    its own event files beside the Trainer's."""
+    from transformers.integrations import integration_utils as hf
+
+    from memwatch.reporters.trackers import CallbackTarget, MlflowTarget, WandbTarget
+
+    integrations = tuple(getattr(hf, "INTEGRATION_TO_CALLBACK", {}).values())
+    targets: list[Any] = []
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, hf.TensorBoardCallback) or not isinstance(cb, integrations):
+            continue
+        if isinstance(cb, hf.WandbCallback):
+            import wandb
+
+            if wandb.run is not None:
+                targets.append(WandbTarget(wandb.run, step_key="train/global_step"))
+        elif isinstance(cb, hf.MLflowCallback):
+            import mlflow
+
+            active = mlflow.active_run()
+            if active is not None:
+                targets.append(MlflowTarget(active.info.run_id, mlflow.get_tracking_uri()))
+        else:
+
+            def on_log(metrics: dict[str, float], step: int, cb: Any = cb) -> None:
+                cb.on_log(trainer.args, trainer.state, trainer.control, model=trainer.model, logs=metrics)
+
+            targets.append(CallbackTarget(type(cb).__name__, on_log))
+    return targets
+
+
 def _is_tokenizer(obj: Any) -> bool:
     return obj is not None and callable(obj) and hasattr(obj, "decode")
 
@@ -43,8 +78,9 @@ class MemWatchCallback(TrainerCallback):
 
     The model and tokenizer come from the Trainer; the training cohort is sampled from the dataset its
     dataloader actually uses (windows whose suffix receives loss under its collator), the held-out cohort from
-    `heldout` or the Trainer's eval_dataset. The Trainer's own logging, evaluation and TensorBoard writer are
-    never touched: memwatch writes to <output_dir>/memwatch.
+    `heldout` or the Trainer's eval_dataset. The Trainer's log history, evaluation and TensorBoard writer are
+    never touched: memwatch writes to <output_dir>/memwatch, and forwards a short set of numbers to the trackers
+    in `report_to` (MonitorConfig.trackers).
     """
 
     def __init__(
@@ -98,6 +134,14 @@ class MemWatchCallback(TrainerCallback):
         )
         amp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
         config = getattr(model, "config", None)
+        if trainer is not None and self.config.trackers != "off":
+            # Where the loss already is: the trackers the Trainer reports to, opened by their callbacks' own
+            # on_train_begin (which run before this one: the Trainer puts report_to's callbacks first).
+            from memwatch.reporters.trackers import TrackerSink
+
+            targets = tracker_targets(trainer)
+            if targets and not any(isinstance(s, TrackerSink) for s in self.monitor.user_sinks):
+                self.monitor.add_sink(TrackerSink(targets, self.config.trackers, run=self.monitor))
         self.monitor.setup(
             model,
             output_dir=args.output_dir,

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - the standalone package
 
 from memwatch import Monitor, MonitorConfig, SetupError
 
-__all__ = ["MemWatchLightningCallback"]
+__all__ = ["MemWatchLightningCallback", "tracker_targets"]
 
 
 def find_causal_lm(pl_module: Any, attr: str | None = None) -> Any:
@@ -34,6 +34,30 @@ def find_causal_lm(pl_module: Any, attr: str | None = None) -> Any:
         f"memwatch found no Hugging Face causal LM inside {type(pl_module).__name__}; pass "
         "MemWatchLightningCallback(..., model_attr='name_of_the_attribute')"
     )
+
+
+def tracker_targets(trainer: Any) -> list[Any]:
+    """The Lightning Trainer's loggers, as memwatch.reporters.trackers targets: W&B (against trainer/global_step,
+    as WandbLogger plots) and MLflow (by run id) with alerts and artifacts, any other logger through its own
+    log_metrics; TensorBoardLogger left out (memwatch writes its own event files)."""
+    from memwatch.reporters.trackers import CallbackTarget, MlflowTarget, WandbTarget
+
+    targets: list[Any] = []
+    for logger in getattr(trainer, "loggers", None) or []:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            continue
+        if kind == "WandbLogger":
+            targets.append(WandbTarget(logger.experiment, step_key="trainer/global_step"))
+        elif kind == "MLFlowLogger":
+            targets.append(MlflowTarget(logger.run_id, getattr(logger, "_tracking_uri", None)))
+        else:
+
+            def log(metrics: dict[str, float], step: int, logger: Any = logger) -> None:
+                logger.log_metrics(metrics, step=step)
+
+            targets.append(CallbackTarget(kind, log))
+    return targets
 
 
 class MemWatchLightningCallback(Callback):
@@ -76,6 +100,12 @@ class MemWatchLightningCallback(Callback):
             val = val[0] if val else None
         precision = str(getattr(trainer, "precision", ""))
         amp = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else None
+        if monitor.config.trackers != "off":
+            from memwatch.reporters.trackers import TrackerSink
+
+            targets = tracker_targets(trainer)
+            if targets and not any(isinstance(s, TrackerSink) for s in monitor.user_sinks):
+                monitor.add_sink(TrackerSink(targets, monitor.config.trackers, run=monitor))
         started = monitor.guarded_setup(
             lambda: monitor.setup(
                 model,

@@ -334,6 +334,13 @@ class MonitorConfig:
     strict: bool = False  # re-raise memwatch's own errors (for your CI); by default they never stop training
     max_failures: int = 3  # failed evaluations in a row before memwatch switches itself off (with a warning)
     alerts: AlertConfig = field(default_factory=AlertConfig)  # memorization alerts (see memwatch.alerts)
+    # memwatch's numbers beside the loss, in the trackers the training framework reports to (the Trainer's report_to
+    # W&B / MLflow / ..., Accelerate's trackers, Lightning's loggers; its own TensorBoard is memwatch's tb/):
+    # "headline" forwards the short set a dashboard can hold (per group extraction rate, memorized rate and suffix
+    # NLL, per tier extraction rate and exposure, the member/control AUCs, alerts), "all" every group statistic,
+    # "off" nothing. Alerts go where the tracker has them (W&B alerts, MLflow tags); at train end the history and
+    # its HTML report go as artifacts.
+    trackers: str = "headline"
 
     def __post_init__(self) -> None:
         _check_int("every_n_steps", self.every_n_steps, 1, optional=True)
@@ -378,6 +385,11 @@ class MonitorConfig:
         _check_fraction("min_k", self.min_k)
         _check_signals(self.signals)
         _check_ngrams(self)
+        if self.trackers not in ("headline", "all", "off"):
+            raise ConfigError(
+                "MonitorConfig.trackers must be 'headline' (the short set), 'all' (every group statistic) or 'off'; "
+                f"got {self.trackers!r}"
+            )
         for name, most in (("sweep_prefix_lens", self.prefix_len), ("sweep_suffix_lens", self.suffix_len)):
             value = getattr(self, name)
             if (

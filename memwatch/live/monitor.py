@@ -527,6 +527,13 @@ class Monitor:
         if not self.disabled:
             self.ngram_feed.observe(input_ids, attention_mask)
 
+    def add_sink(self, sink: Any) -> None:
+        """One more sink (as `sinks=`), before or after setup: the integrations add the run's trackers this way."""
+        sink = as_sink(sink)
+        self.user_sinks.append(sink)
+        if self.sinks:
+            self.sinks.append(sink)
+
     def checkpoint(self, step: int) -> None:
         """A training checkpoint of optimizer step `step` is being saved: the streamed n-gram index writes what it
         holds in memory, so a run resumed from that checkpoint counts every batch once. Call it on every rank (the

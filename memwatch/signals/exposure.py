@@ -85,6 +85,7 @@ register_signal(
                 meaning="median canary exposure (bits)",
                 label="exposure",
                 fmt=".1f",
+                tracked=True,
             ),
         ),
     )

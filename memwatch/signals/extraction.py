@@ -122,6 +122,7 @@ register_signal(
                 meaning="share of the probes extracted exactly",
                 label="extraction rate",
                 fmt=".1%",
+                tracked=True,
             ),
             Aggregate(
                 "extracted", "sum", ("group", "tier", "twins"), headline=False, meaning="probes extracted"
@@ -203,7 +204,13 @@ register_signal(
         needs=frozenset({"suffix_nll"}),
         membership=True,  # the suffix's loss: for a canary, the loss of its secret alone
         aggregates=(
-            Aggregate("mean_suffix_nll", "mean", meaning="mean suffix NLL (nats/token)", label="suffix NLL"),
+            Aggregate(
+                "mean_suffix_nll",
+                "mean",
+                meaning="mean suffix NLL (nats/token)",
+                label="suffix NLL",
+                tracked=True,
+            ),
         ),
     )
 )
@@ -235,7 +242,12 @@ register_signal(
         stored=False,
         aggregates=(
             Aggregate(
-                "memorized_rate", "rate", meaning="share counted as memorized", label="memorized", fmt=".1%"
+                "memorized_rate",
+                "rate",
+                meaning="share counted as memorized",
+                label="memorized",
+                fmt=".1%",
+                tracked=True,
             ),
             Aggregate("memorized", "sum", headline=False, meaning="probes counted as memorized"),
         ),

@@ -64,7 +64,9 @@ class Aggregate:
     scopes: where it appears: "group" (every group), "tier" (a canary tier's inserted canaries), "twins" (the
     tier's never-inserted twins, as twins_<stat>), "pair" (not for aggregates). headline: shown in the tables of
     the text/HTML reports and `compare` (every stat is in JSON, CSV, TensorBoard and alerts regardless), titled
-    `label` and printed with `fmt`."""
+    `label` and printed with `fmt`. tracked: forwarded to the run's experiment trackers (W&B, MLflow, ...) by
+    default, in its group and tier scopes (MonitorConfig.trackers="headline"): the few numbers a loss chart sits
+    beside."""
 
     stat: str
     how: str = "mean"
@@ -73,6 +75,7 @@ class Aggregate:
     meaning: str = ""
     label: str = ""  # the column title in report tables (default: the stat's name)
     fmt: str = ".3f"  # how tables print it: ".1%" for rates, ".0f" for counts
+    tracked: bool = False
 
     @property
     def title(self) -> str:
