@@ -380,9 +380,13 @@ class ProbeThreshold:
     value: float
     message: str  # format fields: step, n, names, value
     name: str
+    # At the run's first evaluation (the baseline) read this signal instead: exposure by rank alone, so that a
+    # skew-normal extrapolation past what the references resolve never fires before training has done anything.
+    baseline_signal: str | None = None
 
     def check(self, record: EvalRecord, state: RuleState, ctx: RuleContext) -> list[Alert]:
-        values = record.values.get(self.signal)
+        signal = self.baseline_signal if self.baseline_signal and state.evals <= 1 else self.signal
+        values = record.values.get(signal)
         if values is None or not np.isfinite(values).any():
             return []
         crossed = []
@@ -398,7 +402,7 @@ class ProbeThreshold:
         message = self.message.format(
             step=record.step, n=len(rows), names=ctx.names(record, rows), value=self.value
         )
-        data = {self.signal: {record.probe_ids[i]: float(values[i]) for i in crossed}}
+        data = {signal: {record.probe_ids[i]: float(values[i]) for i in crossed}}
         return [
             Alert(
                 record.step,
@@ -558,6 +562,7 @@ def rules_of(config: AlertConfig) -> list[Any]:
                 "step {step}: {n} inserted canary(ies) reached an exposure of {value:g} bits or more (extraction "
                 "may follow): {names}",
                 "exposure",
+                baseline_signal="exposure_rank",
             )
         )
     rules += [Threshold(key, value) for key, value in config.thresholds.items()]

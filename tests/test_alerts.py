@@ -35,7 +35,7 @@ class Sim:
         self.tokens = np.zeros((n, 4 + M), np.int64)
         self.tokens[:, 4:] = np.arange(M) if suffixes is None else np.asarray(suffixes)
 
-    def record(self, exact, ratio=None, exposure=None, near_tie=None):
+    def record(self, exact, ratio=None, exposure=None, near_tie=None, exposure_rank=None):
         exact = np.asarray(exact, dtype=bool)
         n = len(exact)
         ratio = np.where(exact, 1.0, 0.0 if ratio is None else ratio).astype(np.float32)
@@ -56,6 +56,8 @@ class Sim:
         )
         self.step += 10
         extra = None if exposure is None else {"exposure": np.asarray(exposure, dtype=float)}
+        if exposure_rank is not None:
+            extra = {**(extra or {}), "exposure_rank": np.asarray(exposure_rank, dtype=float)}
         return record_of(
             res,
             self.groups,
@@ -235,6 +237,45 @@ def test_exposure_early_warning_with_hysteresis():
     values = [5, 9, 9.5, 7, 9, 5, 9]  # re-arms below 6.4
     fired = run(engine, sim, [{"exact": [0, 0], "exposure": [v, 20]} for v in values])
     assert fired == [[], ["exposure"], [], [], [], [], ["exposure"]]  # the twin's exposure never alerts
+
+
+def test_the_exposure_alert_never_fires_at_the_baseline_on_extrapolation_alone():
+    """At the step-0 baseline only exposure by rank counts (capped at log2 R): a skew-normal tail past what 32
+    references resolve cannot fire before training did anything; from the next evaluation on it can."""
+    cfg = AlertConfig(extraction_rate={}, spike=False, leak=False, canary_extracted=False, exposure_bits=8.0)
+    sim = Sim(["canary"], [{"canary_id": "cn-x", "repetitions": 16}])
+    fired = run(AlertEngine(cfg), sim, [{"exact": [0], "exposure": [20], "exposure_rank": [5]}] * 2)
+    assert fired == [[], ["exposure"]]
+    # With enough references the rank itself reaches the threshold: then the baseline does fire.
+    sim = Sim(["canary"], [{"canary_id": "cn-x", "repetitions": 16}])
+    assert run(AlertEngine(cfg), sim, [{"exact": [0], "exposure": [9], "exposure_rank": [9]}]) == [
+        ["exposure"]
+    ]
+
+
+def test_an_exposure_threshold_past_what_the_references_resolve_is_warned_at_setup(tmp_path, caplog):
+    from _models import tiny_model
+
+    from memwatch import Monitor, MonitorConfig
+    from memwatch.bytetok import ByteTokenizer
+    from memwatch.canaries import inject, make_canaries
+
+    man = make_canaries(ByteTokenizer(), tiers=(2,), per_tier=1, prefix_len=8, secret_len=8, references=32)
+    rows = [{"input_ids": list(range(i, i + 24))} for i in range(1, 40)]
+    data, man = inject(rows, man)
+    cfg = MonitorConfig(
+        prefix_len=8, suffix_len=8, exposure_references=32, console=False, tensorboard=False, history=False,
+        reference=None, embedding_every=None, train_probes=0, heldout_probes=0,
+    )  # fmt: skip
+    monitor = Monitor(cfg, canaries=man)
+    with caplog.at_level("WARNING", logger="memwatch"):
+        monitor.setup(tiny_model("gpt2"), output_dir=tmp_path, train_data=data)
+    monitor.close()
+    assert (
+        "exposure_bits=8 exceeds what 32 reference secrets resolve by rank (log2 32 = 5.0 bits)"
+        in caplog.text
+    )
+    assert "exposure_references to 256 or more" in caplog.text
 
 
 def test_disabled_and_actions():
@@ -439,6 +480,32 @@ def test_console_alerts_show_brackets_as_text():
     reporter.alert(Alert(3, "leak", "heldout", ["p"], "step 3: p0 [prefix 'a[/]b', suffix 'c']"))
     reporter.warn("writing [the history] failed")
     assert "[prefix 'a[/]b', suffix 'c']" in out.getvalue() and "[the history]" in out.getvalue()
+
+
+def test_the_console_table_starts_on_its_own_line_beside_a_progress_bar_in_a_log():
+    """A log file (not a terminal) that the Trainer's tqdm bar and memwatch's console share: the bar's line has no
+    newline of its own, so the table must end it before printing; without a live bar nothing is added."""
+    import io
+
+    from rich.console import Console
+    from tqdm import tqdm
+
+    from memwatch.reporters.console import ConsoleReporter
+
+    sim = Sim(["train", "train"])
+    log = io.StringIO()
+    reporter = ConsoleReporter(Console(file=log, width=120, color_system=None, force_terminal=False))
+    bar = tqdm(total=10, file=log, ascii=True)
+    bar.update(3)
+    bar.refresh()  # drawn now, as a bar is between two evaluations
+    reporter.write(sim.record(exact=[1, 0]))
+    bar.close()
+    lines = log.getvalue().replace("\r", "\n").split("\n")
+    header = next(i for i, line in enumerate(lines) if "memwatch · step" in line)  # the table's title
+    assert "3/10" not in lines[header] and any("3/10" in line for line in lines[:header])
+    alone = io.StringIO()
+    ConsoleReporter(Console(file=alone, width=120, color_system=None)).write(sim.record(exact=[1, 0]))
+    assert not alone.getvalue().startswith("\n")
 
 
 @pytest.mark.monitor_failures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -265,6 +266,24 @@ def check_alert_groups(config: MonitorConfig, panel: Panel | None) -> None:
             f"AlertConfig.thresholds names {missing}, whose group, tier or pair the panel does not have, so "
             f"those rules could never fire; the panel has {scopes}"
         )
+    bits = acfg.exposure_bits
+    if bits is not None and "canary" in panel.group_names():
+        resolved = math.log2(config.exposure_references)
+        if bits > resolved:
+            # Beyond log2 R exposure is the skew-normal extrapolation alone (exposure by rank stops there): a
+            # warning that can rest on a fitted tail; never fired at the baseline, where nothing was trained yet.
+            log.warning(
+                "memwatch: AlertConfig.exposure_bits=%g exceeds what %d reference secrets resolve by rank "
+                "(log2 %d = %.1f bits): the exposure alert can fire only on the skew-normal extrapolation, and not at "
+                "the step-0 baseline. Raise MonitorConfig.exposure_references to %d or more, or lower exposure_bits "
+                "to %.1f or less.",
+                bits,
+                config.exposure_references,
+                config.exposure_references,
+                resolved,
+                2 ** math.ceil(bits),
+                resolved,
+            )
 
 
 def check_definitions(config: MonitorConfig, stored: Mapping[str, Any], run_name: str | None) -> None:

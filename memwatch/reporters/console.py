@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -130,17 +133,42 @@ class ConsoleReporter:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
 
+    @contextlib.contextmanager
+    def _beside_progress_bars(self) -> Iterator[None]:
+        """Output that never lands on a progress bar's line (the Trainer's tqdm bar shares stderr): in a terminal
+        the bars are cleared and redrawn around it (tqdm's own external_write_mode); in a log file, where a bar is
+        a line without its newline, that line is ended first."""
+        tqdm = sys.modules.get("tqdm")  # a bar can only be live where tqdm was imported
+        bars = list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()) if tqdm is not None else []
+        live = [b for b in bars if not getattr(b, "disable", False)]
+        if not live:
+            yield
+            return
+        if self.console.is_terminal:
+            with tqdm.tqdm.external_write_mode(file=self.console.file):
+                yield
+            return
+        self.console.file.write("\n")
+        yield
+
     def write(self, record: EvalRecord) -> None:
-        self.console.print(record_table(record))
-        if record.tiers:
-            self.console.print(tier_table(record.tiers))
+        with self._beside_progress_bars():
+            self.console.print(record_table(record))
+            if record.tiers:
+                self.console.print(tier_table(record.tiers))
 
     def alert(self, alert: Any) -> None:
         from rich.markup import escape
-        from rich.panel import Panel
 
         # Messages may quote text with brackets (reveal_text=True): escape them, never read them as markup.
         action = f"\n[bold]action:[/] {escape(alert.action)}" if alert.action else ""
+        with self._beside_progress_bars():
+            self._print_alert(alert, action)
+
+    def _print_alert(self, alert: Any, action: str) -> None:
+        from rich.markup import escape
+        from rich.panel import Panel
+
         self.console.print(
             Panel(
                 f"{escape(alert.message)}{action}",
@@ -153,7 +181,8 @@ class ConsoleReporter:
         """A visible warning in bold red (the message is printed as text, not markup)."""
         from rich.markup import escape
 
-        self.console.print(f"[bold red]{escape(message)}[/]")
+        with self._beside_progress_bars():
+            self.console.print(f"[bold red]{escape(message)}[/]")
 
     def close(self) -> None:
         """Nothing to release: the console belongs to the process."""
