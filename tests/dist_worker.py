@@ -37,6 +37,23 @@ def wrap(model, kind):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
+    if (
+        kind == "zero3"
+    ):  # DeepSpeed ZeRO-3 on CPU (DS_ACCELERATOR=cpu): parameters partitioned across the ranks
+        import deepspeed
+
+        config = {
+            "train_batch_size": 4
+            * torch.distributed.get_world_size(),  # explicit: no accelerator to infer from
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told: one process's SGD does not clip
+        }
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine
     raise ValueError(kind)
 
 
@@ -64,7 +81,7 @@ def monitor_mode(kind, out):
     wrapped = wrap(model, kind)
     from memwatch.live.distributed import needs_synced_forward
 
-    assert needs_synced_forward(wrapped) == kind.startswith("fsdp"), (
+    assert needs_synced_forward(wrapped) == kind.startswith(("fsdp", "zero3")), (
         kind
     )  # sharded parameters: synced forwards
     cfg = MonitorConfig(
@@ -75,7 +92,7 @@ def monitor_mode(kind, out):
         console=False,
         batch_size=3,
         exposure_references=24,
-        train_probes=10,
+        train_probes=9,  # an odd panel: the last shard is padded
         heldout_probes=0,
         # every train probe is extracted: an alert whose action every rank must take
         alerts=AlertConfig(actions={"extraction_rate": ("stop_training",)}),
@@ -91,7 +108,8 @@ def monitor_mode(kind, out):
         model.transformer.h[0].register_forward_pre_hook(hook)
     monitor.setup(wrapped, output_dir=out, train_data=data, run_name="dist")
     print(f"panel of {len(monitor.panel)} probes", flush=True)
-    opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+    zero3 = kind == "zero3"
+    opt = None if zero3 else torch.optim.SGD(wrapped.parameters(), lr=0.05)
     batch = torch.stack([torch.tensor(r["input_ids"][: K + M]) for r in data[:4]])
     rank = torch.distributed.get_rank() if kind != "none" else 0
     for step in range(3):
@@ -102,9 +120,15 @@ def monitor_mode(kind, out):
         )
         wrapped.train()
         loss = wrapped(input_ids=batch, labels=batch).loss  # the same data on every rank: identical updates
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        if (
+            zero3
+        ):  # the engine owns backward and the optimizer step (gradients reduce-scattered to their shards)
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
     monitor.finish(wrapped, 3)
     if kind != "none":
         torch.distributed.barrier()

@@ -1,4 +1,5 @@
-"""The monitor under torch.distributed on CPU (gloo): DDP, FSDP1 and FSDP2 give the one-process history."""
+"""The monitor under torch.distributed on CPU (gloo): DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-3 give the one-process
+history."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def free_port() -> int:
 
 
 def launch(mode: str, kind: str, out, nproc: int) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # DeepSpeed on CPU: its CPU accelerator (no CUDA to detect), no op builds.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0"}
     if nproc == 1:
         cmd = [sys.executable, WORKER, mode, kind, str(out)]
     else:
@@ -55,7 +57,7 @@ def single_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2", "fsdp1-oom"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp1", "fsdp2", "fsdp1-oom", "zero3"])
 def test_two_processes_produce_the_one_process_history(kind, single_process, tmp_path):
     stdout = launch("monitor", kind, tmp_path, 2)
     said = {
