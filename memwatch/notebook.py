@@ -62,6 +62,15 @@ def _measured(frame: Any, stat: str, what: str) -> None:
         raise ValueError(f"{what} has no measured statistic {stat!r}; it has: {', '.join(numeric)}")
 
 
+def _labelled(ax: Axes, xlabel: str, title: str, legend: str | None = None) -> Axes:
+    """The x label, title, a light grid and the legend every line figure here has."""
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(title=legend, fontsize="small")
+    return ax
+
+
 def plot_rates(run: RunData, ax: Axes | None = None, stat: str = "extraction_rate") -> Axes:
     """A group statistic over the training steps, one line per group (RunData.series_frame's `stat` column:
     extraction_rate, mean_match_ratio, median_exposure, ...). Returns the Axes."""
@@ -79,11 +88,7 @@ def plot_rates(run: RunData, ax: Axes | None = None, stat: str = "extraction_rat
             label=group,
         )
     _y_axis(ax, stat)
-    ax.set_xlabel("step")
-    ax.set_title(f"{run.name}: {stat.replace('_', ' ')} by group")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return ax
+    return _labelled(ax, "step", f"{run.name}: {stat.replace('_', ' ')} by group")
 
 
 def plot_dose_response(
@@ -116,11 +121,9 @@ def plot_dose_response(
     ax.set_xticks(reps, [f"{r}x" for r in reps])
     ax.minorticks_off()
     _y_axis(ax, stat)
-    ax.set_xlabel("repetitions in the training data")
-    ax.set_title(f"{run.name}: canaries' dose-response at step {at}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return ax
+    return _labelled(
+        ax, "repetitions in the training data", f"{run.name}: canaries' dose-response at step {at}"
+    )
 
 
 def plot_entropy_profile(
@@ -151,12 +154,13 @@ def plot_entropy_profile(
             label=f"{bucket} (n={entry['n']})",
         )
     ax.axvline(-0.5, color="0.3", linestyle="--", linewidth=1)
-    ax.set_xlabel("position relative to the boundary (prefix < 0 <= continuation)")
     ax.set_ylabel("mean entropy (nats)")
-    ax.set_title(f"{run.name}, {group}: entropy profile at step {int(run.steps[index])}")
-    ax.grid(alpha=0.3)
-    ax.legend(title="bucket", fontsize="small")
-    return ax
+    return _labelled(
+        ax,
+        "position relative to the boundary (prefix < 0 <= continuation)",
+        f"{run.name}, {group}: entropy profile at step {int(run.steps[index])}",
+        legend="bucket",
+    )
 
 
 def plot_transitions(
