@@ -17,7 +17,18 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 def _pattern(text: str) -> re.Pattern[str]:
     pattern = re.escape(text)
-    for placeholder in ("<group>", "<bucket>", "<r>", "<member>", "<control>", "<signal>", "<kind>", "<bin>"):
+    for placeholder in (
+        "<group>",
+        "<bucket>",
+        "<r>",
+        "<member>",
+        "<control>",
+        "<signal>",
+        "<kind>",
+        "<bin>",
+        "<k>",
+        "<m>",
+    ):
         pattern = pattern.replace(re.escape(placeholder), r"[^/]+")
     return re.compile(pattern + "$")
 

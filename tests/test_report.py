@@ -235,7 +235,11 @@ def test_compare_two_histories(tmp_path, capsys):
     build_known_history(b)
     from memwatch.store.history import HistoryStore
 
+    with HistoryStore(a) as h:
+        created = h.runs()[0]["created"]
     with HistoryStore(b) as h:  # in B, probe b is not memorized at the end
+        # the same start second as A (on a slow machine the two may be written a second apart)
+        h.conn.execute("UPDATE runs SET created = ?", (created,))
         eid = h.evals(1)[-1]["eval_id"]
         h.conn.execute(
             "UPDATE results SET exact = 0, match_ratio = 0.5 WHERE eval_id = ? AND position = 1", (eid,)

@@ -33,11 +33,15 @@ def trackers_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "memwatch-test")
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands here
+    import wandb
+
+    wandb.teardown()  # W&B keeps its settings (WANDB_DIR among them) for the process: start each test afresh
     yield tmp_path
     import mlflow
 
     while mlflow.active_run() is not None:
         mlflow.end_run()
+    wandb.teardown()
 
 
 def _wandb_records(root) -> list:
@@ -146,7 +150,7 @@ def test_alerts_and_every_statistic_reach_wandb_and_mlflow(trackers_env):
     import mlflow
     import wandb
 
-    run = wandb.init(project="memwatch-test")
+    run = wandb.init(project="memwatch-test", dir=str(trackers_env))
     mlflow.set_experiment("memwatch-test")
     active = mlflow.start_run()
 
