@@ -43,12 +43,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _scan(args: argparse.Namespace) -> int:
+    import os
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from memwatch.posthoc.scan import scan
 
-    console = Console(stderr=True)
+    # Under torchrun every process runs this command; rank 0 alone shows progress and the summary (RANK is the
+    # launcher's, set before the process group starts).
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    console = Console(stderr=True, quiet=not main_rank)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -56,6 +61,7 @@ def _scan(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        disable=not main_rank,
     )
     with progress:
         ckpt_task = progress.add_task("checkpoints", total=None)
@@ -88,7 +94,9 @@ def _scan(args: argparse.Namespace) -> int:
             revisions=args.revisions.split(",") if args.revisions else None,
             run_name=args.run_name,
             tokenizer=args.tokenizer,
+            base_model=args.base_model,
             device=args.device,
+            device_map=args.device_map,
             dtype=args.dtype,
             batch_size=args.batch_size,
             prefix_len=args.prefix_len,
@@ -100,9 +108,13 @@ def _scan(args: argparse.Namespace) -> int:
             on_checkpoint=on_checkpoint,
             on_batch=on_batch,
         )
+    shared = {
+        "checkpoints": f" on {summary['processes']} processes, each measuring whole checkpoints",
+        "probes": f" on {summary['processes']} processes, each measuring a share of the probes",
+    }.get(summary["split"], "")
     console.print(
-        f"scanned {len(summary['scanned'])} checkpoint(s), skipped {len(summary['skipped'])} already recorded; "
-        f"{summary['probes']} probes -> {summary['history']} (run {summary['run']!r})"
+        f"scanned {len(summary['scanned'])} checkpoint(s){shared}, skipped {len(summary['skipped'])} already "
+        f"recorded; {summary['probes']} probes -> {summary['history']} (run {summary['run']!r})"
     )
     return 0
 
@@ -291,14 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         help="evaluate saved checkpoints into a history (resumable)",
         description="Evaluate a series of checkpoints with the live monitor's engine and history format. "
-        "Checkpoints already in the history are skipped.",
+        "Checkpoints already in the history are skipped. Under torchrun (torchrun --nproc_per_node N -m "
+        "memwatch.cli scan ...) the processes split the checkpoints (or, for fewer checkpoints than processes, "
+        "each checkpoint's probes) and rank 0 writes the history.",
     )
     scan.add_argument(
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help="a Trainer output directory (its checkpoint-* folders), model directories, or one model id "
-        "with --revisions",
+        help="a Trainer output directory (its checkpoint-* folders), model directories, PEFT adapter directories "
+        "(adapter_config.json), or one model id with --revisions",
     )
     scan.add_argument("--history", required=True, help="the history file to write (created or continued)")
     scan.add_argument(
@@ -313,7 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--revisions", help="comma-separated revisions of one model id, e.g. step1000,step2000")
     scan.add_argument("--run-name", help="the run's name in the history (default: the first source's name)")
     scan.add_argument("--tokenizer", help="tokenizer for text probes (default: the first checkpoint's)")
-    scan.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    scan.add_argument(
+        "--base-model",
+        metavar="PATH",
+        help="the base model of PEFT adapter checkpoints (default: their adapter_config.json's "
+        "base_model_name_or_path)",
+    )
+    scan.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:1, ... (default: cpu; under torchrun 'cuda' is each process's own GPU)",
+    )
+    scan.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="place each model over the GPUs, then the CPU, with accelerate (for models larger than one "
+        "device; replaces --device; under torchrun each process gets its share of the GPUs)",
+    )
     scan.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
     scan.add_argument("--batch-size", type=int, help="rows per forward (default: from a memory budget)")
     same = "default: the --probes history's own (a canary manifest: its lengths), else %s"
