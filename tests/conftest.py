@@ -9,6 +9,10 @@ import pytest
 # Tests import their helpers (_models.py) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never reach a hub: a lookup that would try (a name that is not a local path) fails at once instead of
+# waiting for network timeouts. W&B stays offline too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
 
 import memwatch
 
