@@ -266,7 +266,7 @@ def sweep(
     from memwatch.engine import (
         extraction as engine,
     )  # looked up per call, so a wrapped engine.extract is used
-    from memwatch.posthoc.scan import _load_model, _tokenizer
+    from memwatch.posthoc.scan import _Loader, _tokenizer
 
     ks, ms = _lengths(prefix_lens, "prefix lengths"), _lengths(suffix_lens, "suffix lengths")
     k_max, m_max = ks[-1], ms[-1]
@@ -291,7 +291,8 @@ def sweep(
         if isinstance(source, tuple):
             model, path = source[1], None
         else:
-            model, path = _load_model(Checkpoint(source, 0, source), device, dtype), source
+            # a model directory, or a PEFT adapter on its base, as scan loads them
+            model, path = _Loader(device, dtype, None, None)(Checkpoint(source, 0, source)), source
         swept.append(SweepModel(label, path, _count_parameters(model)))
         for k in ks:
             # [N, k + M]: the k tokens before the continuation, then the M of it
