@@ -149,6 +149,9 @@ def test_ctrl_c_in_the_demo_says_what_happened_and_a_rerun_starts_over(tmp_path,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        # As in a terminal: a test worker (pytest-xdist) ignores SIGINT, and a child that inherits the ignore
+        # never turns Ctrl-C into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     history = out / "memwatch" / "history.sqlite"
     deadline = time.time() + 240
