@@ -96,12 +96,9 @@ class MemWatch:
             step = int(self._pending_state.get("step", step))
         out = self.output_dir or getattr(accelerator, "project_dir", None) or "."
         mixed = str(getattr(accelerator, "mixed_precision", "no"))
-        if monitor.config.trackers != "off":
-            from memwatch.reporters.trackers import TrackerSink
+        from memwatch.reporters.trackers import attach_trackers
 
-            targets = tracker_targets(accelerator)
-            if targets and not any(isinstance(s, TrackerSink) for s in monitor.user_sinks):
-                monitor.add_sink(TrackerSink(targets, monitor.config.trackers, run=monitor))
+        attach_trackers(monitor, lambda: tracker_targets(accelerator))
         started = monitor.guarded_setup(
             lambda: monitor.setup(
                 model,

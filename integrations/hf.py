@@ -134,14 +134,12 @@ class MemWatchCallback(TrainerCallback):
         )
         amp = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else None
         config = getattr(model, "config", None)
-        if trainer is not None and self.config.trackers != "off":
+        if trainer is not None:
             # Where the loss already is: the trackers the Trainer reports to, opened by their callbacks' own
             # on_train_begin (which run before this one: the Trainer puts report_to's callbacks first).
-            from memwatch.reporters.trackers import TrackerSink
+            from memwatch.reporters.trackers import attach_trackers
 
-            targets = tracker_targets(trainer)
-            if targets and not any(isinstance(s, TrackerSink) for s in self.monitor.user_sinks):
-                self.monitor.add_sink(TrackerSink(targets, self.config.trackers, run=self.monitor))
+            attach_trackers(self.monitor, lambda: tracker_targets(trainer))
         self.monitor.setup(
             model,
             output_dir=args.output_dir,

@@ -100,12 +100,9 @@ class MemWatchLightningCallback(Callback):
             val = val[0] if val else None
         precision = str(getattr(trainer, "precision", ""))
         amp = "bf16" if "bf16" in precision else "fp16" if precision.startswith("16") else None
-        if monitor.config.trackers != "off":
-            from memwatch.reporters.trackers import TrackerSink
+        from memwatch.reporters.trackers import attach_trackers
 
-            targets = tracker_targets(trainer)
-            if targets and not any(isinstance(s, TrackerSink) for s in monitor.user_sinks):
-                monitor.add_sink(TrackerSink(targets, monitor.config.trackers, run=monitor))
+        attach_trackers(monitor, lambda: tracker_targets(trainer))
         started = monitor.guarded_setup(
             lambda: monitor.setup(
                 model,

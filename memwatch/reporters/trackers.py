@@ -8,7 +8,7 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from memwatch.record import EvalRecord
@@ -20,6 +20,7 @@ __all__ = [
     "Target",
     "TrackerSink",
     "WandbTarget",
+    "attach_trackers",
     "tracker_key",
     "tracker_metrics",
 ]
@@ -228,6 +229,16 @@ class TrackerSink:
         paths = _snapshot(path, folder)
         safe = re.sub(r"[^A-Za-z0-9_.-]", "-", getattr(self.run, "run_name", None) or "run")
         self._each("the history and report", lambda t: t.artifacts(paths, f"memwatch-{safe}"))
+
+
+def attach_trackers(monitor: Any, find: Callable[[], Sequence[Target]]) -> None:
+    """Add a TrackerSink for the targets `find()` returns to `monitor` (before its setup), unless
+    MonitorConfig.trackers is "off", there are none, or one is attached already (a Trainer trained again)."""
+    if monitor.config.trackers == "off" or any(isinstance(s, TrackerSink) for s in monitor.user_sinks):
+        return
+    targets = find()
+    if targets:
+        monitor.add_sink(TrackerSink(targets, monitor.config.trackers, run=monitor))
 
 
 def _snapshot(path: str, folder: str) -> list[str]:
